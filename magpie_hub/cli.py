@@ -1,0 +1,162 @@
+"""The ``magpie-hub`` command line: thin wrappers that parse arguments and call one stage each.
+
+Each command lazily imports its stage module so ``magpie-hub --help`` stays fast. A
+:class:`~magpie_hub.errors.MagpieError` becomes one ``error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from magpie_hub.errors import MagpieError, redact
+
+app = typer.Typer(
+    name="magpie-hub",
+    help="Build, tag, filter, card and publish MAGPIE alignment datasets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def templates(
+    model: Annotated[str, typer.Argument(help="Hub model id or local directory with a tokenizer")],
+    system: Annotated[str | None, typer.Option(help="System prompt for pre_query_system")] = None,
+    revision: Annotated[str | None, typer.Option(help="Model revision (Hub ids)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object")] = False,
+) -> None:
+    """Print the chat-format pieces derived from MODEL's own chat template."""
+    from magpie_hub.chat_format import load_chat_format
+
+    fmt = load_chat_format(model, revision=revision)
+    data = fmt.to_dict(system=system)
+    if as_json:
+        typer.echo(json.dumps(data, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"chat format of {model}", show_lines=True)
+    table.add_column("piece")
+    table.add_column("value (repr)")
+    for key, value in data.items():
+        table.add_row(key, repr(value))
+    Console().print(table)
+
+
+@app.command()
+def build(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see builders/)")],
+    out: Annotated[Path | None, typer.Option(help="Output dataset directory")] = None,
+    config: Annotated[list[str] | None, typer.Option("--config", help="Only build these configs")] = None,
+    rows: Annotated[int | None, typer.Option(help="Override the row count of every config")] = None,
+    model: Annotated[str | None, typer.Option(help="Override the recipe's model")] = None,
+    backend: Annotated[str | None, typer.Option(help="transformers | tgi")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="Server URL for the tgi backend")] = None,
+    fresh: Annotated[bool, typer.Option(help="Discard an existing output/checkpoint in --out")] = False,
+) -> None:
+    """Generate the recipe's configs into a Hub-shaped dataset directory (resumable)."""
+    from magpie_hub.build import run_build
+
+    run_build(recipe, out=out, configs=config or None, rows=rows, model=model, backend=backend,
+              endpoint=endpoint, fresh=fresh)
+
+
+@app.command()
+def tag(
+    directory: Annotated[Path, typer.Argument(help="Built dataset directory")],
+    step: Annotated[list[str] | None, typer.Option("--step", help="Only run these tag steps")] = None,
+) -> None:
+    """Compute metadata columns (lengths, language, near-duplicates, judge tags) in place."""
+    from magpie_hub.tags.runner import tag_dataset
+
+    tag_dataset(directory, steps=step or None)
+
+
+@app.command(name="filter")
+def filter_(
+    directory: Annotated[Path, typer.Argument(help="Tagged dataset directory")],
+    preset: Annotated[str, typer.Option(help="pro | air | path to a filter YAML")],
+    out: Annotated[Path, typer.Option(help="Output directory (same config layout)")],
+) -> None:
+    """Apply a declarative filter recipe, keeping the config layout; report what each rule removed."""
+    from magpie_hub.filters.apply import filter_dataset
+
+    filter_dataset(directory, preset=preset, out=out)
+
+
+@app.command()
+def card(directory: Annotated[Path, typer.Argument(help="Dataset directory")]) -> None:
+    """Render DIR/README.md (dataset card) from the templates in cards/ and validate its YAML."""
+    from magpie_hub.card import render_card
+
+    path = render_card(directory)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def publish(
+    directory: Annotated[Path, typer.Argument(help="Dataset directory")],
+    repo: Annotated[str, typer.Option(help="ORG/NAME on the Hub")],
+    version: Annotated[str, typer.Option(help="Version tag vX.Y.Z")],
+    private: Annotated[bool, typer.Option(help="Create the repo private")] = False,
+    branch: Annotated[str, typer.Option(help="Branch to commit to")] = "main",
+    message: Annotated[str | None, typer.Option(help="Commit message")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the operations, write nothing")] = False,
+) -> None:
+    """Push DIR as one atomic commit, then tag it VERSION."""
+    from magpie_hub.publish import publish as do_publish
+
+    do_publish(directory, repo=repo, version=version, private=private, branch=branch,
+               message=message, dry_run=dry_run)
+
+
+@app.command()
+def versions(repo: Annotated[str, typer.Argument(help="ORG/NAME")]) -> None:
+    """List the version tags of a published dataset with commit, date and rows per config."""
+    from magpie_hub.versions import list_versions
+
+    list_versions(repo)
+
+
+@app.command()
+def diff(
+    repo: Annotated[str, typer.Argument(help="ORG/NAME")],
+    a: Annotated[str, typer.Argument(help="Old version tag")],
+    b: Annotated[str, typer.Argument(help="New version tag")],
+) -> None:
+    """Compare two published versions: configs, rows, columns and tag distributions."""
+    from magpie_hub.versions import diff_versions
+
+    diff_versions(repo, a, b)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app, turning MagpieError into one line + exit 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except MagpieError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted (re-run the same command to resume)", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click (typer vendors it) usage errors, Exit and Abort, by duck typing
+        kind = type(exc).__name__
+        if kind == "Exit":
+            sys.exit(getattr(exc, "exit_code", 0))
+        if kind == "Abort":
+            sys.exit(130)
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            print(f"error: {redact(exc.format_message())}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+if __name__ == "__main__":
+    main()
