@@ -20,6 +20,7 @@ from magpie_hub.errors import RecipeError
 BACKENDS: dict[str, str] = {
     "transformers": "magpie_hub.backends.transformers_backend:TransformersBackend",
     "tgi": "magpie_hub.backends.tgi:TGIBackend",
+    "dummy": "magpie_hub.backends.dummy:DummyBackend",
 }
 
 
