@@ -109,7 +109,7 @@ def license_from_override(override: dict, model: str | None) -> License | None:
     if name is not None and not _ID_RE.match(str(name).strip().lower()):
         raise ValueError(f"card.license_name {name!r} must be lower-case letters, digits, '-' or '.'")
     link = override.get("license_link")
-    if link is not None and not re.match(r"^https?://\S+$", str(link)):
+    if link is not None and not re.fullmatch(r"https?://[A-Za-z0-9._~:/?#@!$&'*+,;=%-]+", str(link)):
         raise ValueError(f"card.license_link {link!r} must be an http(s) URL")
     return License(value, str(name or value), str(link) if link else None,
                    str(name).strip().lower() if name else None)
