@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
+import datasets as hf_datasets
 from datasets import Dataset, Features
 
 from magpie_hub.dataset_dir import shard_name
@@ -42,6 +43,8 @@ def write_config_shards(out: Path, config: str, rows: Iterable[dict], n_rows: in
     token = secrets.token_hex(4)
     tmp = tmp_root / f"{config}-{token}"
     tmp.mkdir()
+    bars = not hf_datasets.are_progress_bars_disabled()
+    hf_datasets.disable_progress_bars()          # the build shows its own progress
     try:
         it: Iterator[dict] = iter(rows)
         for i, count in enumerate(_split(n_rows, shards)):
@@ -59,4 +62,6 @@ def write_config_shards(out: Path, config: str, rows: Iterable[dict], n_rows: in
         shutil.rmtree(trash, ignore_errors=True)
         return sorted(final.glob("*.parquet"))
     finally:
+        if bars:
+            hf_datasets.enable_progress_bars()
         shutil.rmtree(tmp, ignore_errors=True)
