@@ -1,0 +1,161 @@
+"""``magpie-hub filter DIR --preset pro|air|FILE --out DIR2``: apply a filter recipe config by config.
+
+The output keeps the input's layout (``{config}/train-0000i-of-0000n.parquet`` with the same Arrow
+schema, so the ``datasets`` features survive), a copy of the manifest with a ``filter`` section (the
+recipe, rows in/out and rows removed by each rule per config) and a fresh card. The input directory is
+only read. Everything is written to a temporary sibling of ``out`` and moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+from rich.console import Console
+from rich.table import Table
+
+from magpie_hub.dataset_dir import (
+    ConfigData,
+    atomic_write_text,
+    config_names,
+    read_config,
+    read_manifest,
+    write_config,
+)
+from magpie_hub.errors import DatasetDirError
+from magpie_hub.filters.base import RuleOutcome, step_for
+from magpie_hub.filters.presets import FilterSpec, load_filter_spec
+from magpie_hub.schema import MANIFEST, SPLIT
+
+
+@dataclass
+class FilterReport:
+    spec: FilterSpec
+    rows_in: dict[str, int] = field(default_factory=dict)
+    rows_out: dict[str, int] = field(default_factory=dict)
+    outcomes: list[dict[str, RuleOutcome]] = field(default_factory=list)  # one {config: outcome} per rule
+    out: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            **self.spec.to_dict(),
+            "rows_in": dict(self.rows_in),
+            "rows_out": dict(self.rows_out),
+            "steps": [
+                {**rule.to_dict(),
+                 "removed": {c: o.removed for c, o in per.items()},
+                 "removed_null": {c: o.removed_null for c, o in per.items()}}
+                for rule, per in zip(self.spec.rules, self.outcomes, strict=True)
+            ],
+        }
+
+
+def _check_columns(spec: FilterSpec, tables: dict[str, pa.Table]) -> None:
+    for rule in spec.rules:
+        for column in rule.columns:
+            missing = [c for c, t in tables.items() if column not in t.column_names]
+            if missing:
+                step = step_for(column)
+                fix = (f"run `magpie-hub tag DIR --step {step}` first" if step
+                       else "use a column the dataset has")
+                raise DatasetDirError(f"filter rule '{rule.describe()}' needs column {column!r}, missing in "
+                                      f"config {missing[0]!r}; {fix}")
+
+
+def apply_spec(spec: FilterSpec, tables: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], FilterReport]:
+    """Apply the rules in order to every config; return the filtered tables and the report."""
+    _check_columns(spec, tables)
+    report = FilterReport(spec=spec, rows_in={c: t.num_rows for c, t in tables.items()})
+    current = dict(tables)
+    for rule in spec.rules:
+        per: dict[str, RuleOutcome] = {}
+        for config, table in current.items():
+            mask, nulls = rule.keep_mask(table)
+            kept = table.filter(mask)
+            per[config] = RuleOutcome(rows_in=table.num_rows, removed=table.num_rows - kept.num_rows,
+                                      removed_null=nulls)
+            current[config] = kept
+        report.outcomes.append(per)
+    report.rows_out = {c: t.num_rows for c, t in current.items()}
+    return current, report
+
+
+def print_report(report: FilterReport, console: Console | None = None) -> None:
+    console = console or Console(stderr=True)
+    configs = list(report.rows_in)
+    table = Table(title=f"filter {report.spec.name}: rows removed per rule")
+    table.add_column("#", justify="right")
+    table.add_column("rule")
+    for c in configs:
+        table.add_column(c, justify="right")
+    table.add_row("", "rows in", *[str(report.rows_in[c]) for c in configs])
+    for i, (rule, per) in enumerate(zip(report.spec.rules, report.outcomes, strict=True), 1):
+        cells = []
+        for c in configs:
+            o = per[c]
+            cells.append(f"-{o.removed}" + (f" ({o.removed_null} null)" if o.removed_null else ""))
+        table.add_row(str(i), rule.describe(), *cells)
+    table.add_row("", "rows out", *[str(report.rows_out[c]) for c in configs])
+    console.print(table)
+
+
+def _prepare_out(directory: Path, out: Path) -> None:
+    if out.resolve() == directory.resolve():
+        raise DatasetDirError("--out must be a new directory, not the input (the input is never modified)")
+    if directory.resolve() in out.resolve().parents:
+        raise DatasetDirError("--out must not be inside the input directory; choose a sibling path")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and "filter" not in read_manifest(out))):
+        raise DatasetDirError(f"{out} exists and is not an earlier filter output; choose another --out or "
+                              "remove it")
+
+
+def filter_dataset(directory: Path | str, preset: str | Path, out: Path | str, *,
+                   console: Console | None = None) -> FilterReport:
+    """Filter every config of ``directory`` with ``preset`` (name or YAML path) into ``out``."""
+    directory, out = Path(directory), Path(out)
+    console = console or Console(stderr=True)
+    if not directory.is_dir():
+        raise DatasetDirError(f"dataset directory {directory} not found; pass a directory made by "
+                              "`magpie-hub build`")
+    spec = load_filter_spec(preset)
+    configs = config_names(directory)
+    if not configs:
+        raise DatasetDirError(f"{directory} has no config with {SPLIT}-*.parquet shards; build it first")
+    _prepare_out(directory, out)
+    manifest = read_manifest(directory)
+    data = {c: read_config(directory, c) for c in configs}
+    filtered, report = apply_spec(spec, {c: d.table for c, d in data.items()})
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for config, table in filtered.items():
+            write_config(tmp, ConfigData(config, table, [], data[config].features))
+        manifest["filter"] = {**report.to_dict(), "input": str(directory)}
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        from magpie_hub.card import render_card
+
+        render_card(tmp)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.out = out
+    print_report(report, console)
+    empty = [c for c, n in report.rows_out.items() if n == 0]
+    if empty:
+        console.print(f"[yellow]warning:[/] the filter left no rows in {', '.join(empty)} "
+                      f"(written as empty shards); loosen the rules if that is not intended")
+    console.print(f"wrote {out} ({sum(report.rows_out.values())} of {sum(report.rows_in.values())} rows kept)")
+    return report

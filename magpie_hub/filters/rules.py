@@ -1,0 +1,272 @@
+"""The filter rule kinds (one class each) and the parser of their YAML forms.
+
+Forms accepted in a filter YAML's ``rules:`` list (applied in order; keep-longest-N always last):
+
+- ``"input_quality >= average"`` — comparison (``> >= < <= == !=``); judge labels compare on their
+  ordered scale (``very poor < poor < average < good < excellent``), numbers numerically;
+- ``'instruction not endswith ":"'`` — ``startswith`` / ``endswith`` / ``contains``, optionally ``not``;
+- ``"language in [en, de]"`` — membership, optionally ``not in``;
+- ``"dedup"`` or ``{dedup: true}`` — near-duplicate removal keeping the first row of each group
+  (rows whose ``min_similar_uuid`` is null or their own ``uuid``; the official definition);
+- ``"keep_longest 300000"`` or ``{keep_longest: {n: 300000, by: response_length}}``;
+- the long form ``{column: instruct_reward, op: ">", value: -12}``.
+
+Null values (untagged rows, unparseable judge answers) never pass a comparison: they are removed and
+counted separately in the report.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+
+from magpie_hub.errors import RecipeError
+from magpie_hub.filters.base import ORDINAL_SCALES, FilterRule
+
+_SYMBOL_OPS = {">": "greater", ">=": "greater_equal", "<": "less", "<=": "less_equal",
+               "==": "equal", "!=": "not_equal"}
+_MATCH_OPS = {"startswith": "starts_with", "endswith": "ends_with", "contains": "match_substring"}
+
+_SYMBOL_RE = re.compile(r"^\s*(?P<col>[A-Za-z_]\w*)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<val>.+?)\s*$")
+_WORD_RE = re.compile(
+    r"^\s*(?P<col>[A-Za-z_]\w*)\s+(?P<neg>not\s+)?(?P<op>startswith|endswith|contains|in)\s+(?P<val>.+?)\s*$"
+)
+_LONGEST_RE = re.compile(r"^\s*keep_longest\s+(?P<n>\d+)(?:\s+by\s+(?P<by>[A-Za-z_]\w*))?\s*$")
+
+
+def _finish(result: pa.Array | pa.ChunkedArray) -> tuple[pa.BooleanArray, int]:
+    """Nulls in a comparison result mean "unknown": removed, and counted."""
+    nulls = int(result.null_count)
+    mask = pc.fill_null(result, False)
+    if isinstance(mask, pa.ChunkedArray):
+        mask = mask.combine_chunks()
+    return mask, nulls
+
+
+class CompareRule(FilterRule):
+    """``COLUMN OP VALUE`` on a numeric column, an ordered-label column, or (== / !=) a string column."""
+
+    kind = "compare"
+
+    def __init__(self, column: str, op: str, value: Any):
+        if op not in _SYMBOL_OPS:
+            raise RecipeError(f"filter rule on {column!r}: unknown operator {op!r}; use one of "
+                              f"{' '.join(_SYMBOL_OPS)}")
+        self.column, self.op, self.value = column, op, value
+        self.scale = ORDINAL_SCALES.get(column)
+        if self.scale is not None:
+            label = str(value).strip().lower()
+            if label not in self.scale:
+                raise RecipeError(f"filter rule '{self.describe()}': {value!r} is not a {column} label; use one "
+                                  f"of: {', '.join(self.scale)}")
+            self.rank = self.scale.index(label)
+        elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise RecipeError(f"filter rule '{self.describe()}': compare with a number or a string")
+        elif isinstance(value, str) and op not in ("==", "!="):
+            raise RecipeError(f"filter rule '{self.describe()}': {op} needs a number (or an ordered label of "
+                              f"{', '.join(ORDINAL_SCALES)})")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column,)
+
+    def describe(self) -> str:
+        value = self.value if not isinstance(self.value, str) or self.scale else f'"{self.value}"'
+        return f"{self.column} {self.op} {value}"
+
+    def keep_mask(self, table: pa.Table) -> tuple[pa.BooleanArray, int]:
+        values = table.column(self.column)
+        func = getattr(pc, _SYMBOL_OPS[self.op])
+        if self.scale is not None:
+            labels = pc.utf8_lower(pc.utf8_trim_whitespace(values.cast(pa.string())))
+            ranks = pc.index_in(labels, value_set=pa.array(self.scale))  # off-scale -> null
+            return _finish(func(ranks, pa.scalar(self.rank, pa.int32())))
+        if isinstance(self.value, str):
+            if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
+                raise RecipeError(f"filter rule '{self.describe()}': column {self.column} is {values.type}, "
+                                  "not text; compare it with a number")
+            return _finish(func(values, pa.scalar(self.value)))
+        if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+            raise RecipeError(f"filter rule '{self.describe()}': column {self.column} is {values.type}, "
+                              "not numeric; compare it with a string using == or !=")
+        return _finish(func(values, pa.scalar(float(self.value))))
+
+
+class MatchRule(FilterRule):
+    """``COLUMN [not] startswith|endswith|contains "TEXT"`` (exact, case-sensitive, no trimming)."""
+
+    kind = "match"
+
+    def __init__(self, column: str, op: str, pattern: Any, negate: bool = False):
+        if op not in _MATCH_OPS:
+            raise RecipeError(f"filter rule on {column!r}: unknown operator {op!r}; use startswith, endswith "
+                              "or contains")
+        if not isinstance(pattern, str) or not pattern:
+            raise RecipeError(f"filter rule on {column!r}: {op} needs a non-empty quoted string, e.g. "
+                              f"{column} not {op} \":\"")
+        self.column, self.op, self.pattern, self.negate = column, op, pattern, negate
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column,)
+
+    def describe(self) -> str:
+        return f"{self.column} {'not ' if self.negate else ''}{self.op} {self.pattern!r}"
+
+    def keep_mask(self, table: pa.Table) -> tuple[pa.BooleanArray, int]:
+        values = table.column(self.column)
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            raise RecipeError(f"filter rule '{self.describe()}': column {self.column} is {values.type}, not text")
+        hit = getattr(pc, _MATCH_OPS[self.op])(values, pattern=self.pattern)
+        return _finish(pc.invert(hit) if self.negate else hit)
+
+
+class MembershipRule(FilterRule):
+    """``COLUMN [not] in [A, B, ...]`` (labels of the ordered scales are matched case-insensitively)."""
+
+    kind = "membership"
+
+    def __init__(self, column: str, values: Any, negate: bool = False):
+        if not isinstance(values, list) or not values:
+            raise RecipeError(f"filter rule on {column!r}: 'in' needs a non-empty list, e.g. {column} in [a, b]")
+        self.column, self.values, self.negate = column, values, negate
+        self.fold = column in ORDINAL_SCALES
+        if self.fold:
+            self.values = [str(v).strip().lower() for v in values]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column,)
+
+    def describe(self) -> str:
+        return f"{self.column} {'not ' if self.negate else ''}in [{', '.join(map(str, self.values))}]"
+
+    def keep_mask(self, table: pa.Table) -> tuple[pa.BooleanArray, int]:
+        values = table.column(self.column)
+        if self.fold:
+            values = pc.utf8_lower(pc.utf8_trim_whitespace(values.cast(pa.string())))
+        try:
+            value_set = pa.array(self.values).cast(values.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise RecipeError(f"filter rule '{self.describe()}': the listed values do not match the type "
+                              f"{values.type} of column {self.column}") from None
+        hit = pc.is_in(values, value_set=value_set)
+        hit = pc.if_else(pc.is_valid(values), hit, pa.scalar(None, pa.bool_()))
+        return _finish(pc.invert(hit) if self.negate else hit)
+
+
+class DedupRule(FilterRule):
+    """Near-duplicate removal: keep a row when ``min_similar_uuid`` is null (no near duplicate) or is the
+    row's own ``uuid`` (it is the first row of its group); the other group members go."""
+
+    kind = "dedup"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return ("uuid", "min_similar_uuid")
+
+    def describe(self) -> str:
+        return "dedup (first row of each near-duplicate group)"
+
+    def keep_mask(self, table: pa.Table) -> tuple[pa.BooleanArray, int]:
+        rep = table.column("min_similar_uuid")
+        same = pc.equal(rep, table.column("uuid"))
+        keep = pc.or_kleene(pc.is_null(rep), same)
+        return _finish(keep)
+
+
+class KeepLongestRule(FilterRule):
+    """Keep the ``n`` rows with the largest ``by`` (default ``response_length``), per config; ties keep the
+    earlier row; the kept rows stay in their original order. Always applied after the row-wise rules."""
+
+    kind = "keep_longest"
+    selection = True
+
+    def __init__(self, n: Any, by: str = "response_length"):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise RecipeError(f"filter rule keep_longest: n must be a whole number >= 0, got {n!r}")
+        if not isinstance(by, str) or not by:
+            raise RecipeError("filter rule keep_longest: 'by' must name a numeric column, e.g. response_length")
+        self.n, self.by = n, by
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.by,)
+
+    def describe(self) -> str:
+        return f"keep_longest {self.n} by {self.by}"
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "n": self.n, "by": self.by}
+
+    def keep_mask(self, table: pa.Table) -> tuple[pa.BooleanArray, int]:
+        column = table.column(self.by)
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+            raise RecipeError(f"filter rule '{self.describe()}': column {self.by} is {column.type}, not numeric")
+        values = pc.fill_null(column.cast(pa.float64()), -np.inf).to_numpy()
+        order = np.argsort(-values, kind="stable")
+        mask = np.zeros(len(values), dtype=bool)
+        mask[order[: self.n]] = True
+        nulls = int(pc.sum(pc.and_(pc.is_null(column), pa.array(~mask))).as_py() or 0)
+        return pa.array(mask), nulls
+
+
+def _parse_value(text: str, rule: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise RecipeError(f"filter rule '{rule}': cannot read the value {text!r}; quote strings, e.g. "
+                          "instruction not endswith \":\"") from None
+
+
+def _from_parts(column: str, op: str, value: Any, rule: str) -> FilterRule:
+    negate = False
+    op = " ".join(str(op).split())
+    if op.startswith("not "):
+        negate, op = True, op[4:]
+    if op in _SYMBOL_OPS and not negate:
+        return CompareRule(column, op, value)
+    if op in _MATCH_OPS:
+        return MatchRule(column, op, value, negate=negate)
+    if op == "in":
+        return MembershipRule(column, value, negate=negate)
+    raise RecipeError(f"filter rule '{rule}': unknown operator {'not ' if negate else ''}{op}; use > >= < <= == "
+                      "!= startswith endswith contains in (the last four may follow 'not')")
+
+
+def parse_rule(spec: Any) -> FilterRule:
+    """Build a rule from one entry of a filter YAML's ``rules:`` list."""
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text == "dedup":
+            return DedupRule()
+        if m := _LONGEST_RE.match(text):
+            return KeepLongestRule(int(m["n"]), by=m["by"] or "response_length")
+        if m := _WORD_RE.match(text):
+            neg = "not " if m["neg"] else ""
+            return _from_parts(m["col"], neg + m["op"], _parse_value(m["val"], text), text)
+        if m := _SYMBOL_RE.match(text):
+            return _from_parts(m["col"], m["op"], _parse_value(m["val"], text), text)
+        raise RecipeError(f"filter rule {text!r} is not understood; write e.g. 'input_quality >= average', "
+                          "'instruction not endswith \":\"', 'dedup' or 'keep_longest 300000'")
+    if isinstance(spec, dict):
+        if set(spec) == {"dedup"}:
+            if spec["dedup"] in (True, None, {}):
+                return DedupRule()
+            raise RecipeError("filter rule 'dedup' takes no options; write '- dedup'")
+        if set(spec) == {"keep_longest"}:
+            opts = spec["keep_longest"]
+            if isinstance(opts, int) and not isinstance(opts, bool):
+                return KeepLongestRule(opts)
+            if isinstance(opts, dict) and set(opts) <= {"n", "by"} and "n" in opts:
+                return KeepLongestRule(opts["n"], by=opts.get("by", "response_length"))
+            raise RecipeError("filter rule keep_longest needs {n: N} and optionally {by: COLUMN}")
+        if set(spec) == {"column", "op", "value"} and isinstance(spec["column"], str):
+            return _from_parts(spec["column"], spec["op"], spec["value"], str(spec))
+    raise RecipeError(f"filter rule {spec!r} is not understood; use a string like 'instruct_reward > -12' or "
+                      "{column: C, op: OP, value: V}")
