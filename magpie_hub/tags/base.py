@@ -13,8 +13,8 @@ A step declares the columns it adds (``features``, a :class:`datasets.Features`)
 
 Lifecycle (driven by :mod:`magpie_hub.tags.runner`): ``Step(context, **options)`` ->
 ``setup()`` once, before any step runs (load models here; raise a MagpieError if one is unavailable,
-so a bad run fails before anything is computed) -> ``run``/``run_global`` -> ``info()`` is recorded in
-the manifest's ``tags.steps.<name>`` section.
+so a bad run fails before anything is computed) -> ``run``/``run_global`` -> ``close()`` (free models)
+-> ``info()`` is recorded in the manifest's ``tags.steps.<name>`` section.
 """
 
 from __future__ import annotations
@@ -82,6 +82,9 @@ class TagStep(abc.ABC):
 
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Load models/tokenizers; raise a MagpieError naming the fix if something is unavailable."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free models once the step has run on every pending config (called by the runner)."""
 
     def run(self, batch: Batch) -> Batch:
         """Rows scope: the new columns for ``batch`` (same length, same order)."""

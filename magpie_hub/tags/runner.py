@@ -129,6 +129,7 @@ def tag_dataset(directory: Path | str, steps: Sequence[StepSpec] | None = None, 
             outputs = _run_global(step, {c: data[c] for c in pending})
         else:
             outputs = {c: _run_rows(step, data[c]) for c in pending}
+        step.close()
         for c, cols in outputs.items():
             data[c] = with_columns(data[c], cols, step.features)
             changed.add(c)
