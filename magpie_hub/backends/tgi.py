@@ -1,0 +1,390 @@
+"""Backend ``tgi``: raw MAGPIE prompts sent to a text-generation-inference server.
+
+Recipe: ``backend: tgi`` and ``backend_options: {endpoint: http://host:8080}`` (or ``--backend tgi
+--endpoint URL``, or ``MAGPIE_TGI_ENDPOINT``). The token comes from ``token``, ``HF_TOKEN`` or ``.env``
+and is sent only as the Authorization header (never logged). Requests go through huggingface_hub's
+``AsyncInferenceClient.text_generation(details=True)``; every conversation task of the engine awaits its
+own request, so a conversation's next turn starts as soon as its previous one returns (no lockstep).
+
+``start()`` reads ``GET /health`` and ``GET /info``: the served ``model_id`` must match the recipe's
+model (``check_model: false`` skips this, e.g. for a local tokenizer copy), the concurrency limit
+defaults to the server's ``max_concurrent_requests``, and ``max_input_tokens``/``max_total_tokens``
+bound every prompt (counted with the local tokenizer, as the server counts: special tokens added).
+
+BOS: the engine renders prompts from the model's own chat template, so a Llama-3 prompt starts with
+``<|begin_of_text|>``; TGI always tokenizes with special tokens added, which would give BOS twice. The
+backend asks the server's ``POST /tokenize`` whether it adds BOS (falling back to the local tokenizer's
+behaviour when that route is absent) and then strips the leading BOS text from every prompt.
+
+Failures: 429/5xx/424, timeouts and connection resets are retried with exponential backoff and jitter
+(``max_retries``); a request that still fails returns ``finish_reason="error"`` (the engine regenerates the
+conversation). 400/401/403/404 and 422 validation errors raise :class:`BackendError` at once (one line:
+bad endpoint, bad token, model mismatch), which stops the whole run. A prompt longer than the server
+allows ends that conversation (``"length"``), or the run when no request has succeeded yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from magpie_hub.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult
+from magpie_hub.errors import BackendError, RecipeError, redact
+from magpie_hub.retry import RETRYABLE_STATUS, backoff_delay, parse_retry_after
+
+log = logging.getLogger(__name__)
+
+FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+_TOO_LONG = re.compile(r"must have less than \d+ tokens|must be <= \d+\. Given: \d+ `inputs` tokens")
+
+
+def _token_from_env() -> str | None:
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if not token and Path(".env").is_file():
+        from dotenv import dotenv_values
+
+        token = dotenv_values(".env").get("HF_TOKEN")
+    return token or None
+
+
+def _resolve(model: str) -> str:
+    """``tiny:*`` aliases -> their local directory (tiny_model's contract); other names unchanged."""
+    try:
+        from magpie_hub.tiny_model import resolve_model
+    except ImportError:  # pragma: no cover - tiny_model ships with the package
+        return model
+    return resolve_model(model)
+
+
+def public_url(url: str) -> str:
+    """``url`` without credentials or query string, safe for logs, manifests and messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _one_line(text: object, limit: int = 240) -> str:
+    text = " ".join(redact(str(text)).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _status_of(exc: BaseException) -> tuple[int | None, object]:
+    """HTTP status and response of a huggingface_hub error (TGI errors keep it on ``__cause__``)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        response = getattr(exc, "response", None)
+        if response is not None and getattr(response, "status_code", None) is not None:
+            return response.status_code, response
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None, None
+
+
+class TGIBackend(Backend):
+    """A TGI server as the generation backend: bounded concurrency, retries, validation of the server."""
+
+    name = "tgi"
+
+    def __init__(self, model: str, *, revision: str | None = None, endpoint: str | None = None,
+                 max_concurrency: int | None = None, timeout: float = 120, max_retries: int = 8,
+                 token: str | None = None, check_model: bool = True, backoff_base: float = 0.5,
+                 backoff_cap: float = 30.0, **options):
+        if options:
+            log.warning("tgi backend ignores unknown backend_options: %s", ", ".join(sorted(options)))
+        endpoint = endpoint or os.environ.get("MAGPIE_TGI_ENDPOINT")
+        if not endpoint:
+            raise RecipeError("the tgi backend needs a server URL: set backend_options.endpoint in the recipe, "
+                              "pass --endpoint URL or set MAGPIE_TGI_ENDPOINT")
+        if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).hostname:
+            raise RecipeError(f"tgi endpoint {public_url(endpoint)!r} is not an http(s):// URL "
+                              "(give the server's base URL, e.g. http://127.0.0.1:8080)")
+        for key, value, low in (("timeout", timeout, 0.001), ("max_retries", max_retries, 0),
+                                ("max_concurrency", max_concurrency, 1), ("backoff_base", backoff_base, 0),
+                                ("backoff_cap", backoff_cap, 0)):
+            if value is not None and (not isinstance(value, (int, float)) or value < low):
+                raise RecipeError(f"backend_options.{key} must be a number >= {low} (got {value!r})")
+        self.model, self.revision = model, revision
+        self.endpoint = endpoint.rstrip("/")
+        self.url = public_url(self.endpoint)
+        self.timeout, self.max_retries = float(timeout), int(max_retries)
+        self.backoff_base, self.backoff_cap = float(backoff_base), float(backoff_cap)
+        self.check_model = bool(check_model)
+        self._token = token or _token_from_env()
+        self._requested_concurrency = max_concurrency
+        self.server: dict = {}
+        self.strip_prefix: str | None = None
+        self.max_concurrency: int | None = None
+        self.stats: Counter = Counter()
+        self._client = None
+        self._tokenizer = None
+        self._sem: asyncio.Semaphore | None = None
+        self._succeeded = False
+
+    # ------------------------------------------------------------------------------------ startup
+    async def start(self) -> None:
+        from huggingface_hub import AsyncInferenceClient, constants
+
+        if constants.is_offline_mode():
+            raise BackendError(f"HF_HUB_OFFLINE=1 makes huggingface_hub refuse every HTTP call, even to {self.url}; "
+                               "unset HF_HUB_OFFLINE to use the tgi backend")
+        self.server = await self._read_info()
+        self._check_model(self.server.get("model_id"))
+        self._tokenizer = self._load_tokenizer()
+        self.strip_prefix = await self._bos_to_strip()
+        limit = self._requested_concurrency or self.server.get("max_concurrent_requests") or 128
+        self.max_concurrency = int(limit)
+        self._sem = asyncio.Semaphore(self.max_concurrency)
+        self._client = AsyncInferenceClient(base_url=self.endpoint, token=self._token, timeout=self.timeout)
+        await self._install_session(self.max_concurrency)
+        log.info("tgi: %s serves %s (max_concurrent_requests=%s, max_input_tokens=%s, max_total_tokens=%s); "
+                 "%d requests in flight, strip BOS %r", self.url, self.server.get("model_id"),
+                 self.server.get("max_concurrent_requests"), self._max_input, self._max_total,
+                 self.max_concurrency, self.strip_prefix)
+
+    async def _read_info(self) -> dict:
+        import httpx2
+
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        async with httpx2.AsyncClient(base_url=self.endpoint, headers=headers, timeout=min(self.timeout, 30.0),
+                                      follow_redirects=True) as http:
+            for attempt in range(4):  # a server that is still starting gets a few seconds
+                try:
+                    health = await http.get("/health")
+                    if health.status_code != 503:
+                        break
+                    reason = "GET /health -> 503 (server not ready)"
+                except httpx2.TransportError as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                if attempt == 3:
+                    raise BackendError(f"cannot reach the TGI server at {self.url} ({_one_line(reason, 120)}); "
+                                       "check --endpoint and that the server is running")
+                await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=4.0))
+            self._raise_for_auth(health.status_code, "GET /health")
+            try:
+                info = await http.get("/info")
+            except httpx2.TransportError as exc:
+                raise BackendError(f"cannot read {self.url}/info ({type(exc).__name__}); check --endpoint") from None
+            self._raise_for_auth(info.status_code, "GET /info")
+            if info.status_code == 404:
+                raise BackendError(f"{self.url} has no GET /info, so it is not a TGI server; give the TGI base URL "
+                                   "(an OpenAI-compatible server needs backend: openai)")
+            try:
+                data = info.json() if info.status_code == 200 else None
+            except ValueError:
+                data = None
+            if not isinstance(data, dict) or "model_id" not in data:
+                raise BackendError(f"GET {self.url}/info -> HTTP {info.status_code} without TGI's model_id; "
+                                   "check that --endpoint points to a text-generation-inference server")
+            return data
+
+    def _raise_for_auth(self, status: int, what: str) -> None:
+        if status in (401, 403):
+            which = "was refused" if self._token else "is required"
+            raise BackendError(f"{what} at {self.url} -> HTTP {status}: the token {which}; set HF_TOKEN (or .env) "
+                               "to a token this endpoint accepts")
+
+    def _check_model(self, served: str | None) -> None:
+        if not self.check_model or not served:
+            return
+        ours = _resolve(self.model)
+        same = served == ours or served.lower() == ours.lower()
+        if not same and Path(served).is_dir() and Path(ours).is_dir():
+            same = Path(served).resolve() == Path(ours).resolve()
+        if not same:
+            raise BackendError(f"model mismatch: the TGI server at {self.url} serves {served!r} but the recipe names "
+                               f"{self.model!r}; point the recipe at the served model, or set backend_options."
+                               "check_model: false if it is the same model under another name")
+        sha, rev = self.server.get("model_sha"), self.revision
+        if sha and rev and re.fullmatch(r"[0-9a-f]{40}", rev) and sha != rev:
+            raise BackendError(f"revision mismatch: the TGI server serves {served}@{sha[:12]} but the recipe pins "
+                               f"revision {rev[:12]}; align them or set check_model: false")
+
+    def _load_tokenizer(self):
+        try:
+            from magpie_hub.chat_format import load_tokenizer
+        except ImportError:  # pragma: no cover - chat_format always ships with the package
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(_resolve(self.model), revision=self.revision)
+        return load_tokenizer(self.model, revision=self.revision)
+
+    async def _bos_to_strip(self) -> str | None:
+        """The BOS text to strip from prompts when the server's tokenizer adds BOS itself."""
+        tok = self._tokenizer
+        bos, bos_id = getattr(tok, "bos_token", None), getattr(tok, "bos_token_id", None)
+        if not bos or bos_id is None:
+            return None
+        adds = None
+        try:
+            first = await self._post_json("/tokenize", {"inputs": "Hi"})
+            if isinstance(first, list) and first and isinstance(first[0], dict):
+                adds = first[0].get("id") == bos_id
+        except Exception as exc:  # noqa: BLE001 - /tokenize is optional (older TGI); fall back below
+            log.debug("tgi: POST /tokenize unavailable (%s); using the local tokenizer", type(exc).__name__)
+        if adds is None:
+            ids = tok("Hi", add_special_tokens=True).input_ids
+            adds = bool(ids) and ids[0] == bos_id and tok("Hi", add_special_tokens=False).input_ids[:1] != [bos_id]
+        self.stats["server_adds_bos"] = int(adds)
+        return bos if adds else None
+
+    async def _post_json(self, route: str, payload: dict):
+        import httpx2
+
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        async with httpx2.AsyncClient(base_url=self.endpoint, headers=headers, timeout=min(self.timeout, 30.0)) as h:
+            resp = await h.post(route, json=payload)
+            resp.raise_for_status()
+            return resp.json()
+
+    async def _install_session(self, limit: int) -> None:
+        """Give the client a connection pool as large as the concurrency (httpx keeps only 20 alive by
+        default: every extra request would open a new connection). Same hooks as huggingface_hub's own."""
+        try:
+            import httpx2
+            from huggingface_hub.utils._http import async_hf_request_event_hook, async_hf_response_event_hook
+        except ImportError:  # pragma: no cover - other huggingface_hub layouts: keep its default session
+            return
+        if getattr(self._client, "_async_client", "missing") is not None:
+            return
+        session = httpx2.AsyncClient(
+            event_hooks={"request": [async_hf_request_event_hook], "response": [async_hf_response_event_hook]},
+            follow_redirects=True, timeout=None,
+            limits=httpx2.Limits(max_connections=limit + 8, max_keepalive_connections=limit + 8))
+        self._client._async_client = await self._client.exit_stack.enter_async_context(session)
+
+    @property
+    def _max_input(self) -> int | None:
+        return self.server.get("max_input_tokens") or self.server.get("max_input_length")
+
+    @property
+    def _max_total(self) -> int | None:
+        return self.server.get("max_total_tokens")
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    # ------------------------------------------------------------------------------------ generation
+    def _parameters(self, request: GenerationRequest, prompt: str) -> dict | GenerationResult:
+        params = request.params
+        max_new = int(params.max_new_tokens)
+        if self._max_total or self._max_input:
+            n_in = len(self._tokenizer(prompt, add_special_tokens=True).input_ids)
+            room = (self._max_total or n_in + max_new) - n_in
+            if (self._max_input and n_in > self._max_input) or room < 1:
+                message = (f"a prompt of {n_in} tokens does not fit the TGI server at {self.url} "
+                           f"(max_input_tokens={self._max_input}, max_total_tokens={self._max_total})")
+                if not self._succeeded:
+                    raise BackendError(f"{message}; start the server with larger --max-input-tokens/"
+                                       "--max-total-tokens or use a shorter system prompt")
+                self.stats["prompt_too_long"] += 1
+                return GenerationResult("", "length", 0, error=message)
+            max_new = min(max_new, room)
+        kwargs: dict = {"details": True, "max_new_tokens": max_new, "return_full_text": False}
+        max_stop = int(self.server.get("max_stop_sequences") or 4)
+        if request.stop:
+            kwargs["stop"] = list(request.stop[:max_stop])
+        if params.greedy:
+            kwargs["do_sample"] = False
+        else:
+            kwargs.update(do_sample=True, temperature=float(params.temperature))
+            if 0.0 < params.top_p < 1.0:
+                kwargs["top_p"] = float(params.top_p)
+            if params.seed is not None:
+                kwargs["seed"] = int(params.seed) % (2**64)
+        return kwargs
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        if self._client is None or self._sem is None:
+            raise BackendError("the tgi backend was used before start(); use `async with backend:`")
+        prompt = request.prompt
+        if self.strip_prefix and prompt.startswith(self.strip_prefix):
+            prompt = prompt[len(self.strip_prefix):]
+        kwargs = self._parameters(request, prompt)
+        if isinstance(kwargs, GenerationResult):
+            return kwargs
+        last = "unknown error"
+        for attempt in range(self.max_retries + 1):
+            async with self._sem:
+                try:
+                    out = await self._client.text_generation(prompt, **kwargs)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - classified below: fatal -> raise, else retry
+                    last, wait = self._classify(exc)
+                else:
+                    self._succeeded = True
+                    self.stats["requests_ok"] += 1
+                    return self._result(out, request.stop)
+            self.stats[f"retry:{last.split(':')[0]}"] += 1
+            if attempt < self.max_retries:
+                await asyncio.sleep(backoff_delay(attempt, base=self.backoff_base, cap=self.backoff_cap,
+                                                  retry_after=wait))
+        self.stats["requests_failed"] += 1
+        if last.startswith("connection refused"):
+            raise BackendError(f"lost the TGI server at {self.url}: connection refused after "
+                               f"{self.max_retries} retries; restart it and re-run to resume")
+        log.warning("tgi: request failed after %d retries (%s); the conversation will be regenerated",
+                    self.max_retries, last)
+        return GenerationResult("", "error", 0, error=last)
+
+    def _classify(self, exc: Exception) -> tuple[str, float | None]:
+        """Retryable failure -> (reason, Retry-After seconds); permanent failure -> raise BackendError."""
+        import httpx2
+        from huggingface_hub.errors import (
+            GenerationError,
+            IncompleteGenerationError,
+            InferenceTimeoutError,
+            OverloadedError,
+            ValidationError,
+        )
+
+        status, response = _status_of(exc)
+        detail = _one_line(exc.args[0] if exc.args else exc, 200)
+        if isinstance(exc, (InferenceTimeoutError, httpx2.TimeoutException, asyncio.TimeoutError)):
+            return f"timeout: no answer within {self.timeout:g}s", None
+        if isinstance(exc, httpx2.ConnectError):
+            return f"connection refused: {detail}", None
+        if isinstance(exc, httpx2.TransportError):
+            return f"connection error: {type(exc).__name__}", None
+        if isinstance(exc, (OverloadedError, GenerationError, IncompleteGenerationError)) or \
+                status in RETRYABLE_STATUS:
+            headers = getattr(response, "headers", None) or {}
+            return f"HTTP {status or 'error'}: {detail}", parse_retry_after(headers.get("Retry-After"))
+        if status in (401, 403):
+            self._raise_for_auth(status, "POST /")
+        if status == 404:
+            raise BackendError(f"POST {self.url} -> HTTP 404: no TGI generate route there; check --endpoint")
+        if isinstance(exc, ValidationError) or status in (400, 422):
+            raise BackendError(f"the TGI server at {self.url} rejected a request (HTTP {status or 422}): {detail}")
+        if status is not None:
+            raise BackendError(f"the TGI server at {self.url} answered HTTP {status}: {detail}")
+        raise BackendError(f"{self.url} did not answer in TGI's format ({type(exc).__name__}: {detail}); "
+                           "check that --endpoint is a text-generation-inference server")
+
+    def _result(self, out, stops: tuple[str, ...]) -> GenerationResult:
+        details = getattr(out, "details", None)
+        if details is None:
+            raise BackendError(f"{self.url} answered without `details`; it is not a TGI text-generation route")
+        text, finish = out.generated_text or "", FINISH.get(str(details.finish_reason), "error")
+        cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+        if cut >= 0:  # TGI keeps a matched stop sequence in generated_text; stops beyond the 4 sent apply here
+            text, finish = text[:cut], "stop"
+        self.stats["generated_tokens"] += int(details.generated_tokens or 0)
+        return GenerationResult(text, finish, int(details.generated_tokens or 0),
+                                error=None if finish != "error" else f"finish_reason {details.finish_reason}")
+
+    def info(self) -> BackendInfo:
+        extra = {"endpoint": self.url, "served_model_id": self.server.get("model_id"),
+                 "served_model_sha": self.server.get("model_sha"), "server_version": self.server.get("version"),
+                 "max_input_tokens": self._max_input, "max_total_tokens": self._max_total,
+                 "max_concurrent_requests": self.server.get("max_concurrent_requests"),
+                 "strip_bos": self.strip_prefix is not None, "stats": dict(self.stats)}
+        return BackendInfo(name=self.name, model_id=self.model, model_revision=self.revision,
+                           max_concurrency=self.max_concurrency, extra=extra)

@@ -1,0 +1,396 @@
+"""A stand-in for Hugging Face text-generation-inference (TGI), for tests and benchmarks.
+
+Speaks the TGI router's HTTP protocol: ``POST /generate`` (object), ``POST /`` (one-element list, or
+SSE when ``"stream": true``), ``POST /generate_stream`` (SSE), ``POST /tokenize``, ``GET /info``,
+``GET /health``, ``GET /metrics`` (Prometheus text), with TGI's JSON shapes, its validation rules
+(422 ``validation``), ``429 overloaded`` beyond ``max_concurrent_requests`` and ``401`` without the
+``--token`` Bearer token. Prompts are tokenized with special tokens added, like TGI.
+
+Two serving modes:
+
+* model mode (default): the transformers model in ``--model DIR`` generates (one request at a time,
+  in a worker thread; stops at the generation config's eos ids and at stop sequences);
+* simulated mode (``--simulate``): no model runs; ``--slots K`` requests are served concurrently at
+  ``--ms-per-token`` each, producing deterministic pseudo-words (a function of prompt and seed) whose
+  length follows a geometric law of mean ``--mean-tokens`` and that end with the eos token (or hit
+  ``max_new_tokens``), so throughput is measurable without a GPU: capacity = K * 1000 / ms tokens/s.
+
+Injected faults on generation routes (rates in [0, 1), drawn from ``--fault-seed``): ``--fail-503``,
+``--fail-429``, ``--drop`` (connection closed without an answer), ``--stall`` (sleep ``--stall-s``
+before answering). Run: ``python tests/tgi_server.py --model DIR --port 8080 [--simulate ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+
+from aiohttp import web
+from transformers import StoppingCriteria
+
+WORDS = (
+    "how can I write a short python function that sorts list of numbers and explain each step please "
+    "what is the best way to plan trip budget for family with two kids in summer give me examples "
+    "compare solar wind energy costs over ten years why does the river flow north describe history "
+    "of music theory chord progression in jazz solve this equation integral derivative prove theorem"
+).split()
+
+
+def validation_error(message: str) -> web.Response:
+    return error_response(422, f"Input validation error: {message}", "validation")
+
+
+def error_response(status: int, message: str, error_type: str) -> web.Response:
+    return web.json_response({"error": message, "error_type": error_type}, status=status)
+
+
+class StopOnText(StoppingCriteria):
+    """Stopping criterion (transformers' protocol): stop once the last 16 new tokens contain a stop string."""
+
+    def __init__(self, tokenizer, stops: list[str], start: int):
+        super().__init__()
+        self.tokenizer, self.stops, self.start = tokenizer, stops, start
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        tail = self.tokenizer.decode(input_ids[0, max(self.start, input_ids.shape[1] - 16):])
+        return torch.tensor([any(s in tail for s in self.stops)] * input_ids.shape[0])
+
+
+class Server:
+    """State of one stand-in server: tokenizer (+ model), limits, slots, faults, counters."""
+
+    def __init__(self, args: argparse.Namespace):
+        from transformers import AutoTokenizer
+
+        self.args = args
+        self.model_dir = args.model
+        self.tokenizer = AutoTokenizer.from_pretrained(args.model)
+        self.eos_ids = self._eos_ids(args.model)
+        self.model = None
+        if not args.simulate:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            torch.set_num_threads(max(1, args.threads))
+            self.model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+        self.model_lock = asyncio.Lock()
+        self.slots = asyncio.Semaphore(args.slots)
+        self.in_flight = 0
+        self.faults = random.Random(args.fault_seed)
+        self.metrics = {"requests": 0, "success": 0, "generated_tokens": 0, "input_tokens": 0,
+                        "faults_503": 0, "faults_429": 0, "overloaded_429": 0, "drops": 0, "stalls": 0,
+                        "validation_422": 0, "unauthorized_401": 0, "busy_slot_seconds": 0.0}
+        self.started = time.monotonic()
+
+    def _eos_ids(self, model_dir: str) -> list[int]:
+        ids: list[int] = []
+        try:
+            from transformers import GenerationConfig
+
+            eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+            ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        except OSError:
+            pass
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    # ----------------------------------------------------------------------------------- protocol
+    def info(self) -> dict:
+        a = self.args
+        return {
+            "model_id": a.model_id or a.model, "model_sha": a.model_sha, "model_dtype": "torch.float32",
+            "model_device_type": "cpu", "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": a.max_concurrent_requests, "max_best_of": 2,
+            "max_stop_sequences": 4, "max_input_tokens": a.max_input_tokens,
+            "max_total_tokens": a.max_total_tokens, "validation_workers": 2, "max_client_batch_size": 4,
+            "router": "text-generation-router", "version": "2.4.1-standin", "sha": None, "docker_label": None,
+        }
+
+    def validate(self, body: object) -> tuple[dict, list[int]] | web.Response:
+        """TGI's validation (router/src/validation.rs): 422 with TGI's messages."""
+        if not isinstance(body, dict) or not isinstance(body.get("inputs"), str):
+            return error_response(422, "Failed to deserialize the JSON body into the target type: "
+                                  "missing field `inputs`", "validation")
+        p = body.get("parameters") or {}
+        if not isinstance(p, dict):
+            return validation_error("`parameters` must be an object")
+        temperature, top_p, top_k = p.get("temperature"), p.get("top_p"), p.get("top_k")
+        if temperature is not None and temperature <= 0:
+            return validation_error("`temperature` must be strictly positive")
+        if top_p is not None and not 0.0 < top_p < 1.0:
+            return validation_error("`top_p` must be > 0.0 and < 1.0")
+        if top_k is not None and top_k <= 0:
+            return validation_error("`top_k` must be strictly positive")
+        if p.get("repetition_penalty") is not None and p["repetition_penalty"] <= 0:
+            return validation_error("`repetition_penalty` must be strictly positive")
+        stop = p.get("stop") or []
+        if len(stop) > 4:
+            return validation_error(f"`stop` supports up to 4 stop sequences. Given: {len(stop)}")
+        max_new = p.get("max_new_tokens")
+        if max_new is not None and max_new <= 0:
+            return validation_error("`max_new_tokens` must be strictly positive")
+        if not body["inputs"]:
+            return validation_error("`inputs` cannot be empty")
+        ids = self.tokenizer(body["inputs"], add_special_tokens=True).input_ids
+        if len(ids) > self.args.max_input_tokens:
+            return validation_error(f"`inputs` must have less than {self.args.max_input_tokens} tokens. "
+                                    f"Given: {len(ids)}")
+        if max_new is None:
+            max_new = min(100, self.args.max_total_tokens - len(ids))
+        if len(ids) + max_new > self.args.max_total_tokens:
+            return validation_error(f"`inputs` tokens + `max_new_tokens` must be <= {self.args.max_total_tokens}. "
+                                    f"Given: {len(ids)} `inputs` tokens and {max_new} `max_new_tokens`")
+        params = {"max_new_tokens": int(max_new), "stop": list(stop), "do_sample": bool(p.get("do_sample")),
+                  "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": p.get("seed"),
+                  "return_full_text": bool(p.get("return_full_text")), "details": bool(p.get("details"))}
+        # like TGI's NextTokenChooser: any warper turns sampling on
+        params["do_sample"] = params["do_sample"] or temperature not in (None, 1.0) or top_p is not None \
+            or top_k is not None
+        if params["do_sample"] and params["seed"] is None:
+            params["seed"] = random.getrandbits(63)
+        return params, ids
+
+    # ----------------------------------------------------------------------------------- generation
+    async def generate(self, params: dict, ids: list[int], prompt: str) -> dict:
+        if self.model is None:
+            tokens, finish = await self._simulate(params, prompt)
+        else:
+            async with self.model_lock:
+                tokens, finish = await asyncio.to_thread(self._run_model, params, ids)
+        text = self.tokenizer.decode([t["id"] for t in tokens], skip_special_tokens=True) \
+            if self.model is not None else "".join(t["text"] for t in tokens if not t["special"])
+        if params["return_full_text"]:
+            text = prompt + text
+        self.metrics["success"] += 1
+        self.metrics["generated_tokens"] += len(tokens)
+        self.metrics["input_tokens"] += len(ids)
+        details = {"finish_reason": finish, "generated_tokens": len(tokens),
+                   "seed": params["seed"] if params["do_sample"] else None, "prefill": [], "tokens": tokens,
+                   "top_tokens": None, "best_of_sequences": None}
+        return {"generated_text": text, "details": details}
+
+    async def _simulate(self, params: dict, prompt: str) -> tuple[list[dict], str]:
+        key = f"{params['seed']}\x00{prompt}".encode()
+        rng = random.Random(hashlib.sha256(key).digest())
+        mean = max(1.0, self.args.mean_tokens)
+        n = 1
+        while rng.random() > 1.0 / mean:  # geometric length, mean `mean` tokens (eos included)
+            n += 1
+        limit = params["max_new_tokens"]
+        tokens = []
+        for i in range(min(n - 1, limit)):
+            word = rng.choice(WORDS)
+            tokens.append({"id": 1000 + WORDS.index(word), "text": (" " if i else "") + word,
+                           "logprob": -round(rng.random() * 3, 4), "special": False})
+        finish = "length"
+        if len(tokens) < limit:
+            eos = self.eos_ids[0] if self.eos_ids else 0
+            tokens.append({"id": eos, "text": self.tokenizer.convert_ids_to_tokens(eos) or "", "logprob": -0.1,
+                           "special": True})
+            finish = "eos_token"
+        async with self.slots:
+            started = time.monotonic()
+            await asyncio.sleep(len(tokens) * self.args.ms_per_token / 1000.0)
+            self.metrics["busy_slot_seconds"] += time.monotonic() - started
+        return tokens, finish
+
+    def _run_model(self, params: dict, ids: list[int]) -> tuple[list[dict], str]:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        gen = {"max_new_tokens": params["max_new_tokens"], "eos_token_id": self.eos_ids or None,
+               "pad_token_id": self.eos_ids[0] if self.eos_ids else 0, "do_sample": params["do_sample"]}
+        if params["do_sample"]:
+            torch.manual_seed(params["seed"] % (2**63))
+            gen.update(temperature=params["temperature"] or 1.0, top_p=params["top_p"] or 1.0,
+                       top_k=params["top_k"] or 0)
+        if params["stop"]:  # transformers' stop_strings rebuilds vocabulary tables per call: too slow here
+            gen["stopping_criteria"] = StoppingCriteriaList([StopOnText(self.tokenizer, params["stop"], len(ids))])
+        started = time.monotonic()
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      output_logits=True, return_dict_in_generate=True, **gen)
+        self.metrics["busy_slot_seconds"] += time.monotonic() - started
+        new = out.sequences[0, len(ids):].tolist()
+        tokens, finish = [], "length"
+        special = set(self.tokenizer.all_special_ids)
+        for i, tid in enumerate(new):
+            logprob = torch.log_softmax(out.logits[i][0].float(), dim=-1)[tid].item()
+            tokens.append({"id": tid, "text": self.tokenizer.decode([tid]), "logprob": round(logprob, 4),
+                           "special": tid in special})
+            if tid in self.eos_ids:
+                finish = "eos_token"
+                break
+            so_far = self.tokenizer.decode(new[max(0, i - 15): i + 1])
+            if any(s in so_far for s in params["stop"]):
+                finish = "stop_sequence"
+                break
+        return tokens, finish
+
+    # ----------------------------------------------------------------------------------- handlers
+    def authorized(self, request: web.Request) -> bool:
+        return not self.args.token or request.headers.get("Authorization") == f"Bearer {self.args.token}"
+
+    async def handle_generate(self, request: web.Request) -> web.StreamResponse:
+        self.metrics["requests"] += 1
+        if not self.authorized(request):
+            self.metrics["unauthorized_401"] += 1
+            return error_response(401, "Unauthorized", "authorization")
+        fault = await self.inject_fault(request)
+        if fault is not None:
+            return fault
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error_response(400, "Failed to parse the request body as JSON", "validation")
+        checked = self.validate(body)
+        if isinstance(checked, web.Response):
+            self.metrics["validation_422"] += 1
+            return checked
+        params, ids = checked
+        if self.in_flight >= self.args.max_concurrent_requests:
+            self.metrics["overloaded_429"] += 1
+            return error_response(429, "Model is overloaded", "overloaded")
+        stream = request.path == "/generate_stream" or (request.path == "/" and body.get("stream"))
+        self.in_flight += 1
+        try:
+            result = await self.generate(params, ids, body["inputs"])
+        finally:
+            self.in_flight -= 1
+        if stream:
+            return await self.send_stream(request, result)
+        if not params["details"]:
+            result = {"generated_text": result["generated_text"]}
+        return web.json_response([result] if request.path == "/" else result)
+
+    async def send_stream(self, request: web.Request, result: dict) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        tokens = result["details"]["tokens"]
+        for i, token in enumerate(tokens):
+            last = i == len(tokens) - 1
+            event = {"index": i + 1, "token": token, "top_tokens": None,
+                     "generated_text": result["generated_text"] if last else None,
+                     "details": {k: result["details"][k] for k in ("finish_reason", "generated_tokens", "seed")}
+                     if last else None}
+            await resp.write(f"data:{json.dumps(event)}\n\n".encode())
+        await resp.write_eof()
+        return resp
+
+    async def inject_fault(self, request: web.Request) -> web.Response | None:
+        a, roll, name = self.args, self.faults.random(), None
+        for rate, kind in ((a.fail_503, "503"), (a.fail_429, "429"), (a.drop, "drop"), (a.stall, "stall")):
+            if roll < rate:
+                name = kind
+                break
+            roll -= rate
+        if name is None:
+            return None
+        if name == "503":
+            self.metrics["faults_503"] += 1
+            return error_response(503, "Service Unavailable (injected)", "unavailable")
+        if name == "429":
+            self.metrics["faults_429"] += 1
+            return error_response(429, "Model is overloaded", "overloaded")
+        if name == "drop":
+            self.metrics["drops"] += 1
+            await request.read()
+            request.transport.abort()  # reset the connection without an answer
+            raise asyncio.CancelledError
+        self.metrics["stalls"] += 1
+        await asyncio.sleep(a.stall_s)
+        return error_response(504, "Gateway Timeout (injected stall)", "timeout")
+
+    async def handle_tokenize(self, request: web.Request) -> web.Response:
+        if not self.authorized(request):
+            return error_response(401, "Unauthorized", "authorization")
+        body = await request.json()
+        enc = self.tokenizer(body.get("inputs", ""), add_special_tokens=True, return_offsets_mapping=True)
+        return web.json_response([
+            {"id": i, "text": self.tokenizer.decode([i]), "start": s, "stop": e}
+            for i, (s, e) in zip(enc.input_ids, enc.offset_mapping, strict=True)])
+
+    async def handle_info(self, request: web.Request) -> web.Response:
+        if not self.authorized(request):
+            return error_response(401, "Unauthorized", "authorization")
+        return web.json_response(self.info())
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        m = dict(self.metrics, uptime_seconds=round(time.monotonic() - self.started, 3),
+                 slots=self.args.slots, ms_per_token=self.args.ms_per_token)
+        lines = [f"tgi_standin_{k} {v}" for k, v in m.items()]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 2**20)
+        app.add_routes([web.post("/generate", self.handle_generate), web.post("/", self.handle_generate),
+                        web.post("/generate_stream", self.handle_generate),
+                        web.post("/tokenize", self.handle_tokenize), web.get("/info", self.handle_info),
+                        web.get("/health", self.handle_health), web.get("/metrics", self.handle_metrics)])
+        return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="local model/tokenizer directory")
+    ap.add_argument("--model-id", default=None, help="model_id reported by /info (default: --model)")
+    ap.add_argument("--model-sha", default=None)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0, help="0 = a free port (printed on stdout)")
+    ap.add_argument("--port-file", type=Path, default=None, help="write the bound port here when ready")
+    ap.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (401 otherwise)")
+    ap.add_argument("--max-concurrent-requests", type=int, default=128)
+    ap.add_argument("--max-input-tokens", type=int, default=1024)
+    ap.add_argument("--max-total-tokens", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in model mode")
+    ap.add_argument("--simulate", action="store_true", help="simulated serving: no model runs")
+    ap.add_argument("--slots", type=int, default=32, help="simulated concurrent sequences")
+    ap.add_argument("--ms-per-token", type=float, default=5.0)
+    ap.add_argument("--mean-tokens", type=float, default=48.0, help="simulated mean length (eos included)")
+    ap.add_argument("--fail-503", type=float, default=0.0)
+    ap.add_argument("--fail-429", type=float, default=0.0)
+    ap.add_argument("--drop", type=float, default=0.0)
+    ap.add_argument("--stall", type=float, default=0.0)
+    ap.add_argument("--stall-s", type=float, default=30.0)
+    ap.add_argument("--fault-seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.fail_503 + args.fail_429 + args.drop + args.stall >= 1.0:
+        ap.error("fault rates must sum to less than 1")
+    return args
+
+
+async def serve(args: argparse.Namespace) -> None:
+    server = Server(args)
+    runner = web.AppRunner(server.app(), access_log=None, handle_signals=True, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port, backlog=1024)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    if args.port_file:
+        tmp = args.port_file.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(args.port_file)
+    print(f"tgi stand-in serving {args.model} on http://{args.host}:{port}", flush=True)
+    await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        asyncio.run(serve(parse_args(argv)))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
