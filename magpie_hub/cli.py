@@ -34,7 +34,7 @@ def templates(
     """Print the chat-format pieces derived from MODEL's own chat template."""
     from magpie_hub.chat_format import load_chat_format
 
-    fmt = load_chat_format(model, revision=revision)
+    fmt = load_chat_format(model, revision=revision, allow_config_only=True)  # strings need no vocabulary
     data = fmt.to_dict(system=system)
     if as_json:
         typer.echo(json.dumps(data, ensure_ascii=False))
