@@ -233,7 +233,7 @@ def render_card(directory: Path, *, repo: str | None = None, version: str | None
                      "example": _example(directory, n)} for n in names],
         "total_rows": sum(i["rows"] for i in infos.values()),
         "provenance": card_text.provenance(manifest),
-        "filter": card_text.mapping(manifest.get("filter")),
+        "filter": card_text.filter_summary(manifest.get("filter")),
         "assets": assets, "tsne": stats.get("tsne") if fresh else None,
         "rendered_at": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }

@@ -51,8 +51,9 @@ def md(value: Any, limit: int | None = None) -> str:
 
 
 def code(value: Any) -> str:
-    """A JSON string literal for a line inside a fenced code block."""
-    text = json.dumps(str(value), ensure_ascii=False)
+    """A JSON literal (strings, lists, numbers as they are) for a line inside a fenced code block."""
+    text = json.dumps(value if isinstance(value, (str, int, float, bool, list)) or value is None else str(value),
+                      ensure_ascii=False, default=str)
     return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
@@ -134,32 +135,43 @@ def provenance(manifest: dict) -> dict:
     """What the card's provenance section shows, from a manifest of any completeness."""
     recipe = mapping(manifest.get("recipe"))
     configs = mapping(manifest.get("configs"))
-    templates = _first(manifest.get("templates"), manifest.get("chat_format"), manifest.get("chat_formats"))
+    templates = mapping(_first(manifest.get("templates"), manifest.get("chat_format")))
+    pieces = [(k, v) for k, v in templates.items() if v is not None and not isinstance(v, dict)]
+    pieces += [(f"system {k}", v) for k, v in mapping(manifest.get("system_templates")).items() if v is not None]
     versions: dict = {}
-    for source in (manifest.get("library_versions"), manifest.get("versions"), manifest.get("libraries"),
+    for source in (manifest.get("versions"), manifest.get("library_versions"),
                    mapping(manifest.get("tags")).get("versions")):
         versions.update({k: v for k, v in mapping(source).items() if isinstance(v, (str, int, float))})
-    hours = manifest.get("device_hours")
+    hours = _first(mapping(manifest.get("totals")).get("device_hours"), manifest.get("device_hours"))
     if hours is None:
         per_config = [c.get("device_hours") for c in configs.values() if isinstance(c, dict)]
-        hours = sum(h for h in per_config if isinstance(h, (int, float))) if any(
-            isinstance(h, (int, float)) for h in per_config) else None
-    backend = manifest.get("backend") or recipe.get("backend")
+        numbers = [h for h in per_config if isinstance(h, (int, float))]
+        hours = sum(numbers) if numbers else None
+    backend = _first(manifest.get("backend"), recipe.get("backend"))
     if isinstance(backend, dict):
         backend = backend.get("name")
+    device = mapping(manifest.get("device"))
     settings = []
     for name, cfg in mapping(recipe.get("configs")).items():
-        cfg = mapping(cfg)
+        cfg, built = mapping(cfg), mapping(configs.get(name))
         steer = _first(cfg.get("category"), cfg.get("categories"), cfg.get("system_prompt"))
+        mixes = [m for m in built.get("instruction_sampling") or [] if isinstance(m, dict)]
         settings.append({"name": name, "rows": cfg.get("rows"), "turns": cfg.get("turns", 1),
-                         "steering": steer if not isinstance(steer, dict) else
-                         ", ".join(f"{k} {v}" for k, v in steer.items())})
+                         "steering": ", ".join(f"{k} {v}" for k, v in steer.items()) if isinstance(steer, dict)
+                         else steer,
+                         "mix_rows": ", ".join(f"T={m.get('temperature')}/top_p={m.get('top_p')}: {m.get('rows')}"
+                                               for m in mixes)})
     tags = mapping(mapping(manifest.get("tags")).get("steps"))
     return {
         "recipe_name": recipe.get("name"), "description": recipe.get("description"),
-        "backend": backend, "seed": _first(manifest.get("seed"), recipe.get("seed")),
-        "created": _first(manifest.get("created_at"), manifest.get("created"), manifest.get("finished_at")),
-        "templates": flatten(templates) if isinstance(templates, dict) else [],
+        "magpie_hub": manifest.get("magpie_hub"), "backend": backend,
+        "device": " ".join(str(device[k]) for k in ("kind", "name") if device.get(k))
+        + (f" x {device['processes']} processes" if isinstance(device.get("processes"), int)
+           and device["processes"] > 1 else "") if device else None,
+        "seed": _first(manifest.get("seed"), recipe.get("seed")),
+        "created": _first(manifest.get("created_at"), manifest.get("created")),
+        "updated": manifest.get("updated_at"),
+        "templates": pieces,
         "instruction_sampling": [m for m in recipe.get("instruction_sampling") or [] if isinstance(m, dict)],
         "response_sampling": mapping(recipe.get("response_sampling")),
         "max_new_tokens": mapping(recipe.get("max_new_tokens")),
@@ -169,6 +181,22 @@ def provenance(manifest: dict) -> dict:
         "tag_steps": [(name, ", ".join(mapping(info).get("columns") or []),
                        ", ".join(f"{k}={v}" for k, v in flatten(mapping(info).get("options"), limit=6)))
                       for name, info in tags.items()],
+    }
+
+
+def filter_summary(section: Any) -> dict | None:
+    """The manifest's ``filter`` section as {name, description, rows_in, rows_out, steps, other}."""
+    section = mapping(section)
+    if not section:
+        return None
+    steps = [s for s in section.get("steps") or [] if isinstance(s, dict)]
+    known = {"name", "description", "rows_in", "rows_out", "steps", "rules", "input"}
+    return {
+        "name": section.get("name"), "description": section.get("description"),
+        "rows_in": mapping(section.get("rows_in")), "rows_out": mapping(section.get("rows_out")),
+        "steps": [{"rule": _first(s.get("rule"), s.get("kind")), "removed": mapping(s.get("removed")),
+                   "removed_null": mapping(s.get("removed_null"))} for s in steps],
+        "other": flatten({k: v for k, v in section.items() if k not in known}),
     }
 
 
