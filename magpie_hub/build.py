@@ -160,7 +160,8 @@ async def _generate_config(recipe: Recipe, name: str, backend, fmt, indices: lis
 
     engine = ConversationEngine(backend, fmt, cleanup=CleanupOptions(**recipe.cleanup.model_dump()),
                                 multi_turn_system_prompt=recipe.multi_turn_system_prompt,
-                                max_attempts=recipe.max_attempts, concurrency=recipe.concurrency)
+                                max_attempts=recipe.max_attempts, concurrency=recipe.concurrency,
+                                seed=recipe.seed)
     try:
         async for conv in engine.run(_specs(recipe, name, indices)):
             row = conversation_to_row(conv, model=recipe.model, chat_format=fmt, seed=recipe.seed)
@@ -188,7 +189,7 @@ def _merge(recipe: Recipe, out: Path, name: str) -> dict[str, Any]:
     locations = [scan.locations[i] for i in range(plan.rows)]
     shards = shard_count(plan.rows, sum(length for _, _, length in locations))
     paths = write_config_shards(out, name, read_rows(locations), plan.rows, shards=shards)
-    return config_entry(recipe, name, stats, shards=len(paths))
+    return config_entry(recipe, name, stats, shards=len(paths), rows_by_rank=scan.rows_by_rank())
 
 
 def run_build(recipe: str | Path, *, out: str | Path | None = None, configs: list[str] | None = None,

@@ -37,13 +37,17 @@ class ScanResult:
     """Where each finished row of a config lives: index -> (piece path, byte offset, byte length)."""
 
     locations: dict[int, tuple[Path, int, int]] = field(default_factory=dict)
+    lines: Counter = field(default_factory=Counter)   # piece path -> valid lines (rows written)
     duplicates: int = 0
     torn: int = 0
     stale: int = 0
 
-    @property
-    def done(self) -> set[int]:
-        return set(self.locations)
+    def rows_by_rank(self) -> dict[str, int]:
+        """Rows written per process rank (from the piece names ``rows-r{rank}-...``), over all runs."""
+        out: Counter = Counter()
+        for path, n in self.lines.items():
+            out[str(int(path.name.split("-")[1][1:]))] += n
+        return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
 class Checkpoint:
@@ -92,7 +96,9 @@ class Checkpoint:
                     continue
                 if not 0 <= index < rows or uid != expected_uuid(index):
                     result.stale += 1
-                elif index in result.locations:
+                    continue
+                result.lines[path] += 1
+                if index in result.locations:
                     result.duplicates += 1
                 else:
                     result.locations[index] = (path, offset, len(line))

@@ -53,8 +53,11 @@ def recipe_sha256(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def config_entry(recipe: Recipe, name: str, stats: list[dict], *, shards: int) -> dict[str, Any]:
-    """Per-config manifest entry; counts add up the stats of every checkpoint piece (all resumed runs)."""
+def config_entry(recipe: Recipe, name: str, stats: list[dict], *, shards: int,
+                 rows_by_rank: dict[str, int]) -> dict[str, Any]:
+    """Per-config manifest entry, over all (resumed) runs: rows written per rank come from the checkpoint
+    pieces; drops, tokens and wall time from the pieces' stats files (refreshed every ~2 s, so a killed
+    run's last seconds may be missing from them)."""
     cfg = recipe.configs[name]
     dropped: Counter = Counter()
     for s in stats:
@@ -66,7 +69,8 @@ def config_entry(recipe: Recipe, name: str, stats: list[dict], *, shards: int) -
         "fingerprint": recipe.fingerprint(name), "settings": recipe.generation_settings(name),
         "instruction_sampling": [{"temperature": m.temperature, "top_p": m.top_p, "rows": n}
                                  for m, n in zip(mixes, exact_counts([m.share for m in mixes], cfg.rows), strict=True)],
-        "generated_rows": sum(int(s.get("rows") or 0) for s in stats),
+        "generated_rows": sum(rows_by_rank.values()),
+        "generated_rows_by_rank": rows_by_rank,
         "dropped": dict(sorted(dropped.items())),
         "generated_tokens": sum(int(s.get("generated_tokens") or 0) for s in stats),
         "wall_time_s": round(sum(float(s.get("wall_s") or 0) / max(int(s.get("world") or 1), 1) for s in stats), 3),

@@ -59,8 +59,12 @@ class BuildProgress:
 def summary_table(configs: Mapping[str, Mapping], *, run_wall_s: float) -> Table:
     """Closing table from the manifest's per-config entries (cumulative over resumed runs)."""
     table = Table(title=f"magpie-hub build (this run: {run_wall_s:,.1f} s)")
-    for col in ("config", "rows kept", "new this run", "dropped (by reason)", "gen. tokens", "wall s", "device-h"):
-        table.add_column(col, justify="left" if col in ("config", "dropped (by reason)") else "right")
+    table.add_column("config", no_wrap=True)
+    for col in ("rows", "new"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("dropped by reason", overflow="fold")
+    for col in ("gen. tokens", "wall s", "device-h"):
+        table.add_column(col, justify="right", no_wrap=True)
     total: Counter = Counter()
     for name, c in configs.items():
         dropped = c.get("dropped") or {}
