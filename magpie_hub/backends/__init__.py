@@ -21,6 +21,7 @@ BACKENDS: dict[str, str] = {
     "transformers": "magpie_hub.backends.transformers_backend:TransformersBackend",
     "tgi": "magpie_hub.backends.tgi:TGIBackend",
     "dummy": "magpie_hub.backends.dummy:DummyBackend",
+    "scripted": "magpie_hub.backends.scripted:ScriptedBackend",
 }
 
 

@@ -43,6 +43,15 @@ COLUMN_STEPS: dict[str, str] = {
 }
 
 
+# Columns a plain ``--step`` run does not write: how to get them instead.
+COLUMN_HINTS: dict[str, str] = {
+    "base_reward": "run the reward tag step with a base-model response column: "
+                   "tags: [{reward: {base_column: COLUMN}}]",
+    "reward_difference": "run the reward tag step with a base-model response column: "
+                         "tags: [{reward: {base_column: COLUMN}}]",
+}
+
+
 def step_for(column: str) -> str | None:
     """The tag step that writes ``column`` (None for generation columns or unknown ones)."""
     return COLUMN_STEPS.get(column)

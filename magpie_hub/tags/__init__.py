@@ -12,6 +12,11 @@ STEPS: dict[str, str] = {
     "lengths": "magpie_hub.tags.lengths:LengthsStep",
     "language": "magpie_hub.tags.language:LanguageStep",
     "dedup": "magpie_hub.tags.dedup:DedupStep",
+    "task_category": "magpie_hub.tags.judge:TaskCategoryStep",
+    "difficulty": "magpie_hub.tags.judge:DifficultyStep",
+    "quality": "magpie_hub.tags.judge:QualityStep",
+    "reward": "magpie_hub.tags.reward:RewardStep",
+    "safety": "magpie_hub.tags.safety:SafetyStep",
 }
 
 # Run when neither --step nor the recipe's ``tags:`` names steps (judge steps only when named).
