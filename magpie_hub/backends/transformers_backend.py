@@ -1,0 +1,374 @@
+"""Local generation with transformers, batching concurrent requests dynamically.
+
+Every ``generate()`` call is queued; one worker task groups pending requests (FIFO, up to ``batch_size``,
+waiting at most ``max_wait_ms`` for a batch to fill) and runs ``model.generate`` on them in a worker
+thread. Requests with different sampling settings, stop strings and token budgets share a batch:
+
+* sampling is done per row by :class:`RowSampler` (a logits processor before greedy selection): each row
+  has its own temperature / top-p and draws from its own ``torch.Generator`` seeded with the request's
+  seed, so a row's text does not depend on the batch it lands in (same recipe + seed -> same rows);
+* stopping is per row by :class:`RowStopper`: the chat format's end-of-turn ids, the request's stop
+  strings (single special tokens by id, other strings with transformers' ``StopStringCriteria``) and
+  the request's own ``max_new_tokens``; finished rows are padded by ``generate``.
+
+Prompts are tokenized with ``add_special_tokens=False`` when they already carry the BOS text (never a
+doubled BOS) and left-padded. CPU: fp32; GPU: bf16 and a ``device_map`` (one GPU per data-parallel rank).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from magpie_hub.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult
+from magpie_hub.errors import BackendError, ModelError
+
+log = logging.getLogger(__name__)
+_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+           "float32": "float32", "fp32": "float32"}
+
+
+class RowSampler:
+    """Logits processor that picks each row's next token itself (returns 0 there and -inf elsewhere, so the
+    greedy step of ``generate`` takes it): greedy rows take the argmax; sampled rows apply temperature and
+    top-p, then draw one uniform number from the row's own generator (inverse CDF)."""
+
+    def __init__(self, temperatures: list[float], top_ps: list[float], seeds: list[int | None]):
+        import torch
+
+        self.temperatures = temperatures
+        self.top_ps = top_ps
+        self.generators = []
+        for seed in seeds:
+            gen = torch.Generator(device="cpu")
+            if seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(int(seed) % (2**64))
+            self.generators.append(gen)
+        self._plain = [r for r, (t, p) in enumerate(zip(temperatures, top_ps, strict=True)) if t > 0.0 and p >= 1.0]
+        self._nucleus = [r for r, (t, p) in enumerate(zip(temperatures, top_ps, strict=True)) if t > 0.0 and p < 1.0]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        scores = scores.float()
+        choice = scores.argmax(dim=-1)
+        for rows, nucleus in ((self._plain, False), (self._nucleus, True)):
+            if not rows:
+                continue
+            u = torch.stack([torch.rand((), generator=self.generators[r], dtype=torch.float64) for r in rows])
+            idx = torch.tensor(rows, device=scores.device)
+            temps = torch.tensor([self.temperatures[r] for r in rows], device=scores.device).unsqueeze(1)
+            probs = torch.softmax(scores[idx] / temps, dim=-1).double()
+            if nucleus:
+                top_p = torch.tensor([self.top_ps[r] for r in rows], dtype=torch.float64, device=scores.device)
+                probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+                keep = (probs.cumsum(-1) - probs) < top_p.unsqueeze(1)   # smallest set with mass >= top_p
+                probs = torch.where(keep, probs, torch.zeros_like(probs))
+            cdf = probs.cumsum(-1)
+            target = (u.to(scores.device) * cdf[:, -1]).unsqueeze(1)
+            pos = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[1] - 1)
+            choice[idx] = (order.gather(1, pos) if nucleus else pos).squeeze(1)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, choice.unsqueeze(1), 0.0)
+        return out
+
+
+class RowStopper:
+    """Stopping criterion with per-row end-of-turn ids, stop strings and token budgets. Records, per row,
+    how many tokens it generated (``done_at``, the end-of-turn token included) and whether it stopped."""
+
+    def __init__(self, prompt_len: int, max_new: list[int], global_ids: list[int],
+                 groups: list[tuple[list[int], list[int], object | None]], device):
+        import torch
+
+        self.prompt_len = prompt_len
+        self.eos_token_id = global_ids        # the attribute makes generate() pad finished rows
+        self.max_new = torch.tensor(max_new, device=device)
+        self.global_ids = torch.tensor(global_ids or [-1], device=device)
+        self.groups = []
+        for rows, ids, criterion in groups:
+            mask = torch.zeros(len(max_new), dtype=torch.bool, device=device)
+            mask[rows] = True
+            self.groups.append((mask, torch.tensor(ids or [-1], device=device), criterion))
+        self.done_at = torch.full((len(max_new),), -1, dtype=torch.long, device=device)
+        self.stopped = torch.zeros(len(max_new), dtype=torch.bool, device=device)
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        import torch
+
+        n = input_ids.shape[1] - self.prompt_len
+        last = input_ids[:, -1]
+        hit = torch.isin(last, self.global_ids)
+        for mask, ids, criterion in self.groups:
+            row_hit = torch.isin(last, ids)
+            if criterion is not None:
+                row_hit = row_hit | criterion(input_ids, scores).to(row_hit.device)
+            hit = hit | (row_hit & mask)
+        open_rows = self.done_at < 0
+        new_stop = hit & open_rows
+        self.stopped |= new_stop
+        finished = new_stop | (open_rows & (n >= self.max_new))
+        self.done_at = torch.where(finished, torch.full_like(self.done_at, n), self.done_at)
+        return self.done_at >= 0
+
+
+@dataclass
+class _Pending:
+    request: GenerationRequest
+    future: asyncio.Future
+
+
+class TransformersBackend(Backend):
+    """A local ``AutoModelForCausalLM`` with dynamic batching of concurrent requests."""
+
+    name = "transformers"
+
+    def __init__(self, model: str, *, revision: str | None = None, batch_size: int = 32, dtype: str = "auto",
+                 device_map=None, max_wait_ms: float = 20.0, num_threads: int | None = None,
+                 trust_remote_code: bool = False, chat_format=None, **options):
+        if options:
+            raise BackendError(f"unknown transformers backend option(s): {', '.join(sorted(options))} "
+                               "(use batch_size, dtype, device_map, max_wait_ms, num_threads)")
+        if int(batch_size) < 1:
+            raise BackendError(f"batch_size must be >= 1 (got {batch_size}): fix backend_options.batch_size")
+        if dtype != "auto" and dtype not in _DTYPES:
+            raise BackendError(f"unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32")
+        self.model_id, self.revision = model, revision
+        self.batch_size = int(batch_size)
+        self.dtype_option, self.device_map = dtype, device_map
+        self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
+        self.num_threads = num_threads
+        self.trust_remote_code = trust_remote_code
+        self.chat_format = chat_format
+        self.model = self.tokenizer = None
+        self.batches = 0                      # statistics (bench, tests)
+        self.batch_rows = 0
+        self.max_batch_seen = 0
+        self._queue: deque[_Pending] = deque()
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._stop_cache: dict[str, object] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.model is None:
+            await asyncio.to_thread(self._load)
+        if self._worker is None or self._worker.done():
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="magpie-generate")
+            self._wake = asyncio.Event()
+            self._worker = asyncio.create_task(self._work())
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_result(GenerationResult("", "error", 0, error="backend closed"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _threads(self) -> None:
+        import torch
+
+        if self.num_threads:
+            torch.set_num_threads(int(self.num_threads))
+        elif not os.environ.get("OMP_NUM_THREADS"):
+            # this process's share of the cores, minus one for the event loop, tokenizer and writer: an
+            # oversubscribed OpenMP pool spins and was 10-30x slower than one thread on a busy 2-core box
+            ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(max(1, cores // max(1, ranks) - 1))
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        from magpie_hub.chat_format import load_chat_format
+        from magpie_hub.tiny_model import resolve_model
+
+        self._threads()
+        path = resolve_model(self.model_id)
+        fmt = self.chat_format or load_chat_format(self.model_id, self.revision)
+        cuda = torch.cuda.is_available()
+        name = self.dtype_option if self.dtype_option != "auto" else ("bfloat16" if cuda else "float32")
+        dtype = getattr(torch, _DTYPES[name])
+        device_map = self.device_map
+        if device_map is None and cuda:
+            device_map = {"": int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, revision=self.revision, dtype=dtype,
+                                                         device_map=device_map,
+                                                         trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ModelError(f"cannot load model {self.model_id} ({first}): download it first "
+                             "(`hf download MODEL`) or pass a local model folder") from None
+        model.eval()
+        tok = fmt.tokenizer
+        tok.padding_side = "left"
+        stop_ids = [int(i) for i in fmt.stop_token_ids if i is not None]
+        if tok.pad_token_id is None:
+            if not stop_ids:
+                raise ModelError(f"{self.model_id} defines neither a pad nor an end-of-turn token: fix its tokenizer")
+            tok.pad_token_id = stop_ids[0]
+        model.generation_config = GenerationConfig(pad_token_id=tok.pad_token_id)   # no hidden processors
+        self.chat_format, self.tokenizer, self.model = fmt, tok, model
+        self.stop_ids = stop_ids
+        self._specials = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values()}
+        self.device = model.device
+        self.dtype = str(dtype).removeprefix("torch.")
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+
+    # -- requests --------------------------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        if self._worker is None:
+            raise BackendError("the transformers backend is not started: use `async with backend:`")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(request, future))
+        self._wake.set()
+        return await future
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            deadline = loop.time() + self.max_wait
+            while len(self._queue) < self.batch_size and loop.time() < deadline:
+                await asyncio.sleep(min(0.002, max(0.0, deadline - loop.time())))
+            batch = []
+            while self._queue and len(batch) < self.batch_size:
+                item = self._queue.popleft()
+                if not item.future.done():            # the caller was cancelled
+                    batch.append(item)
+            if not self._queue:
+                self._wake.clear()
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch,
+                                                     [item.request for item in batch])
+            except Exception as exc:                  # noqa: BLE001 - every waiting caller must hear of it
+                import torch
+
+                if isinstance(exc, torch.OutOfMemoryError) and self.batch_size > 1:
+                    self.batch_size = max(1, self.batch_size // 2)
+                    log.warning("out of memory: batch_size lowered to %d", self.batch_size)
+                    results = [GenerationResult("", "error", 0, error="out of memory") for _ in batch]
+                else:
+                    for item in batch:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+                    continue
+            for item, result in zip(batch, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
+
+    def _stop_plan(self, stop: tuple[str, ...]) -> tuple[list[int], object | None]:
+        """Stop strings -> (ids of those that are one special token, StopStringCriteria for the rest)."""
+        from transformers import StopStringCriteria
+
+        tok = self.tokenizer
+        ids, strings = [], []
+        for s in stop:
+            tid = tok.convert_tokens_to_ids(s) if s in self._specials else None
+            if isinstance(tid, int) and tid != tok.unk_token_id:
+                ids.append(tid)
+            elif s:
+                strings.append(s)
+        key = "\x00".join(sorted(strings))
+        if strings and key not in self._stop_cache:
+            self._stop_cache[key] = StopStringCriteria(tokenizer=tok, stop_strings=sorted(strings))
+        return ids, (self._stop_cache[key] if strings else None)
+
+    def _encode(self, prompt: str) -> list[int]:
+        fmt, bos = self.chat_format, self.tokenizer.bos_token
+        carries_bos = bool(getattr(fmt, "bos_in_template", False)) or bool(bos and prompt.startswith(bos))
+        return list(self.tokenizer(prompt, add_special_tokens=not carries_bos)["input_ids"])
+
+    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        import torch
+        from transformers import GenerationConfig, StoppingCriteriaList
+
+        started = time.monotonic()
+        results: list[GenerationResult | None] = [None] * len(requests)
+        encoded, rows = [], []
+        for i, req in enumerate(requests):
+            ids = self._encode(req.prompt)
+            budget = req.params.max_new_tokens
+            if self.context is not None:
+                budget = min(budget, self.context - len(ids))
+            if budget < 1:
+                results[i] = GenerationResult("", "error", 0, error=f"prompt of {len(ids)} tokens fills the "
+                                              f"model's context ({self.context})")
+                continue
+            encoded.append(ids)
+            rows.append((i, req, budget))
+        if not rows:
+            return results
+        batch = self.tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt")
+        input_ids = batch["input_ids"].to(self.device)
+        attention = batch["attention_mask"].to(self.device)
+        prompt_len = input_ids.shape[1]
+        by_stop: dict[tuple[str, ...], list[int]] = {}
+        for r, (_, req, _) in enumerate(rows):
+            by_stop.setdefault(tuple(req.stop), []).append(r)
+        groups, end_ids = [], [set(self.stop_ids)] * len(rows)
+        for stop, members in by_stop.items():
+            ids, criterion = self._stop_plan(stop)
+            groups.append((members, ids, criterion))
+            for r in members:
+                end_ids[r] = set(self.stop_ids) | set(ids)
+        budgets = [b for _, _, b in rows]
+        stopper = RowStopper(prompt_len, budgets, self.stop_ids, groups, self.device)
+        sampler = RowSampler([float(req.params.temperature) for _, req, _ in rows],
+                             [float(req.params.top_p) for _, req, _ in rows],
+                             [req.params.seed for _, req, _ in rows])
+        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max(budgets),
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids or None)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
+                                      logits_processor=[sampler], stopping_criteria=StoppingCriteriaList([stopper]))
+        done_at, stopped = stopper.done_at.tolist(), stopper.stopped.tolist()
+        generated = out[:, prompt_len:].tolist()
+        for r, (i, req, budget) in enumerate(rows):
+            results[i] = self._result(generated[r], done_at[r], stopped[r], budget, end_ids[r], tuple(req.stop))
+        self.batches += 1
+        self.batch_rows += len(rows)
+        self.max_batch_seen = max(self.max_batch_seen, len(rows))
+        log.debug("batch of %d rows, %d prompt tokens, %.2fs", len(rows), prompt_len, time.monotonic() - started)
+        return results
+
+    def _result(self, tokens: list[int], done_at: int, stopped: bool, budget: int, end_ids: set[int],
+                stop: tuple[str, ...]) -> GenerationResult:
+        n = done_at if done_at >= 0 else min(len(tokens), budget)
+        kept = tokens[:n]
+        if stopped and kept and kept[-1] in end_ids:
+            kept = kept[:-1]                           # the end-of-turn token is not part of the text
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        if stopped:
+            cuts = [pos for pos in (text.find(s) for s in stop if s) if pos >= 0]
+            if cuts:
+                text = text[:min(cuts)]
+        return GenerationResult(text=text, finish_reason="stop" if stopped else "length", generated_tokens=n)
+
+    def info(self) -> BackendInfo:
+        revision = self.revision
+        if revision is None and self.model is not None:
+            revision = getattr(self.model.config, "_commit_hash", None)
+        extra = {"batch_size": self.batch_size}
+        if self.model is not None:
+            extra.update(dtype=self.dtype, device=str(self.device))
+        return BackendInfo(name=self.name, model_id=self.model_id, model_revision=revision,
+                           max_concurrency=self.batch_size, extra=extra)
