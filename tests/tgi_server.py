@@ -24,14 +24,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
 import random
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from aiohttp import web
-from transformers import StoppingCriteria
 
 WORDS = (
     "how can I write a short python function that sorts list of numbers and explain each step please "
@@ -49,18 +54,18 @@ def error_response(status: int, message: str, error_type: str) -> web.Response:
     return web.json_response({"error": message, "error_type": error_type}, status=status)
 
 
-class StopOnText(StoppingCriteria):
-    """Stopping criterion (transformers' protocol): stop once the last 16 new tokens contain a stop string."""
+def stop_on_text(tokenizer, stops: list[str], start: int):
+    """A transformers stopping criterion: stop once the last 16 new tokens contain a stop string
+    (transformers' own ``stop_strings`` rebuilds vocabulary tables on every call: too slow here)."""
+    import torch
+    from transformers import StoppingCriteria
 
-    def __init__(self, tokenizer, stops: list[str], start: int):
-        super().__init__()
-        self.tokenizer, self.stops, self.start = tokenizer, stops, start
+    class StopOnText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            tail = tokenizer.decode(input_ids[0, max(start, input_ids.shape[1] - 16):])
+            return torch.tensor([any(s in tail for s in stops)] * input_ids.shape[0])
 
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        tail = self.tokenizer.decode(input_ids[0, max(self.start, input_ids.shape[1] - 16):])
-        return torch.tensor([any(s in tail for s in self.stops)] * input_ids.shape[0])
+    return StopOnText()
 
 
 class Server:
@@ -190,8 +195,14 @@ class Server:
             word = rng.choice(WORDS)
             tokens.append({"id": 1000 + WORDS.index(word), "text": (" " if i else "") + word,
                            "logprob": -round(rng.random() * 3, 4), "special": False})
-        finish = "length"
-        if len(tokens) < limit:
+        finish, text = "length", ""
+        for i, token in enumerate(tokens):  # TGI's stop-sequence criterion: the stop string stays in the text
+            text += token["text"]
+            if any(s in text for s in params["stop"]):
+                del tokens[i + 1:]
+                finish = "stop_sequence"
+                break
+        if finish == "length" and len(tokens) < limit:
             eos = self.eos_ids[0] if self.eos_ids else 0
             tokens.append({"id": eos, "text": self.tokenizer.convert_ids_to_tokens(eos) or "", "logprob": -0.1,
                            "special": True})
@@ -212,8 +223,8 @@ class Server:
             torch.manual_seed(params["seed"] % (2**63))
             gen.update(temperature=params["temperature"] or 1.0, top_p=params["top_p"] or 1.0,
                        top_k=params["top_k"] or 0)
-        if params["stop"]:  # transformers' stop_strings rebuilds vocabulary tables per call: too slow here
-            gen["stopping_criteria"] = StoppingCriteriaList([StopOnText(self.tokenizer, params["stop"], len(ids))])
+        if params["stop"]:
+            gen["stopping_criteria"] = StoppingCriteriaList([stop_on_text(self.tokenizer, params["stop"], len(ids))])
         started = time.monotonic()
         with torch.no_grad():
             out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -256,6 +267,10 @@ class Server:
             self.metrics["validation_422"] += 1
             return checked
         params, ids = checked
+        if self.args.log_requests:
+            with open(self.args.log_requests, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"path": request.path, "body": body, "input_ids": ids[:4],
+                                     "auth": request.headers.get("Authorization") is not None}) + "\n")
         if self.in_flight >= self.args.max_concurrent_requests:
             self.metrics["overloaded_429"] += 1
             return error_response(429, "Model is overloaded", "overloaded")
@@ -364,6 +379,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stall", type=float, default=0.0)
     ap.add_argument("--stall-s", type=float, default=30.0)
     ap.add_argument("--fault-seed", type=int, default=0)
+    ap.add_argument("--log-requests", type=Path, default=None, help="append each valid request body (JSON lines)")
     args = ap.parse_args(argv)
     if args.fail_503 + args.fail_429 + args.drop + args.stall >= 1.0:
         ap.error("fault rates must sum to less than 1")
@@ -383,6 +399,33 @@ async def serve(args: argparse.Namespace) -> None:
         tmp.replace(args.port_file)
     print(f"tgi stand-in serving {args.model} on http://{args.host}:{port}", flush=True)
     await asyncio.Event().wait()
+
+
+@contextlib.contextmanager
+def launched(model: str | Path, *args: str, timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start this server as a subprocess on a free 127.0.0.1 port; yield (base URL, process); stop it by PID."""
+    with tempfile.TemporaryDirectory(prefix="tgi-standin-") as tmp:
+        port_file, log_path = Path(tmp) / "port", Path(tmp) / "server.log"
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--model", str(model),
+                                     "--port-file", str(port_file), *args], stdout=log, stderr=subprocess.STDOUT,
+                                    env=env)
+        try:
+            deadline = time.monotonic() + timeout
+            while not port_file.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"TGI stand-in did not start (rc={proc.poll()}):\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.05)
+            yield f"http://127.0.0.1:{int(port_file.read_text())}", proc
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, 15)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.kill(proc.pid, 9)
+                    proc.wait(10)
 
 
 def main(argv: list[str] | None = None) -> None:
