@@ -285,7 +285,8 @@ def model_label(model: str) -> str:
 
 
 def default_embedding_model(directory: Path) -> str:
-    """The near-duplicate tag step's embedding model (from the manifest), else the paper's default."""
+    """The near-duplicate tag step's embedding model: its recorded ``model`` option, else
+    ``$MAGPIE_HUB_EMBEDDING_MODEL``, else the paper's default (the same order the dedup step uses)."""
     steps = (read_manifest(directory).get("tags") or {}).get("steps") or {}
     for info in steps.values():
         if isinstance(info, dict) and "min_neighbor_distance" in (info.get("columns") or ()):
@@ -293,7 +294,7 @@ def default_embedding_model(directory: Path) -> str:
             for key in ("model", "embedding_model"):
                 if isinstance(options.get(key), str) and options[key]:
                     return options[key]
-    return DEFAULT_EMBEDDING_MODEL
+    return os.environ.get("MAGPIE_HUB_EMBEDDING_MODEL") or DEFAULT_EMBEDDING_MODEL
 
 
 def analyze(directory: Path, *, embedding_model: str | os.PathLike | None = None,

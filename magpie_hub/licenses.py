@@ -60,7 +60,7 @@ _RULES: tuple[tuple[str, License], ...] = (
 
 # The embedded demo models (``tiny:llama3``, ``tiny:qwen2.5``) are random-weight models built locally
 # by magpie_hub.tiny_model and released under the project's own license.
-_DEMO_RE = re.compile(r"^tiny:|(^|/)tiny[-_]")
+_DEMO_RE = re.compile(r"^tiny:")
 
 
 def is_demo_model(model: str | None) -> bool:

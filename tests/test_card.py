@@ -192,6 +192,7 @@ def test_pinned_version_and_bad_arguments(tmp_path):
     ("tiny:llama3", "apache-2.0", None),
     ("tiny:qwen2.5", "apache-2.0", None),
     ("someone/unknown-model", "other", "source-model-license"),
+    ("someone/tiny-gpt2", "other", "source-model-license"),          # not the embedded demo model
 ])
 def test_license_inheritance(model, lic, name):
     got = license_for_model(model)
