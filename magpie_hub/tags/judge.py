@@ -146,14 +146,21 @@ class BackendStep(TagStep):
 
         self.resolved = resolve_model(self.model)
         self.prepare(self.resolved)
-        self.backend = get_backend(self.backend_name, self.resolved, revision=self.revision,
-                                   **self.backend_options)
+        options = dict(self.backend_options)
+        if self.backend_name == "transformers":  # the step's own prompt format: no second template parse
+            options.setdefault("chat_format", self.backend_format())
+        self.backend = get_backend(self.backend_name, self.resolved, revision=self.revision, **options)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tag-{self.name}")
         self._loop = asyncio.new_event_loop()
         self._call(self.backend.start())
 
     def prepare(self, model: str) -> None:
         """Load what building prompts needs (chat format, tokenizer); called by :meth:`setup`."""
+
+    def backend_format(self) -> Any:
+        """What the local transformers backend needs of the model's format (``tokenizer``,
+        ``stop_token_ids``, ``bos_in_template``): by default the chat format loaded in :meth:`prepare`."""
+        return self.chat_format
 
     def _call(self, coro):
         """Run ``coro`` on this step's own event loop, in its own thread (safe inside a running loop)."""

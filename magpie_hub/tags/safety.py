@@ -11,6 +11,7 @@ forces it). Columns: ``llama_guard_2`` — the raw verdict text (e.g. ``"unsafe\
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from datasets import Features, Value
@@ -76,6 +77,20 @@ class SafetyStep(BackendStep):
                              "prompt_format: llama-guard-2")
         self.use_template = is_guard and self.prompt_format != "llama-guard-2"
         self.used_format = "chat_template" if self.use_template else "llama-guard-2"
+
+    def backend_format(self) -> Any:
+        """A guard's moderation template is not a chat format MAGPIE can derive pieces from: give the
+        transformers backend the tokenizer and the end-of-sequence ids directly."""
+        ids = [self.tokenizer.eos_token_id]
+        try:
+            from transformers import GenerationConfig
+
+            eos = GenerationConfig.from_pretrained(self.resolved, revision=self.revision).eos_token_id
+            ids += eos if isinstance(eos, list) else [eos]
+        except (OSError, ValueError):  # no generation_config.json: the tokenizer's eos only
+            pass
+        return SimpleNamespace(tokenizer=self.tokenizer, bos_in_template=False,
+                               stop_token_ids=tuple(dict.fromkeys(int(i) for i in ids if i is not None)))
 
     def stop(self) -> tuple[str, ...]:
         eos = getattr(self.tokenizer, "eos_token", None)
