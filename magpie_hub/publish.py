@@ -29,11 +29,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from magpie_hub.dataset_dir import config_names
 from magpie_hub.errors import DatasetDirError, HubError
 from magpie_hub.hub_auth import ConcurrentPushError, call, hub_api, resolve_token
-from magpie_hub.schema import MANIFEST, README, SPLIT
 
+# The layout names of magpie_hub.schema (README, MANIFEST, SPLIT), repeated here so that publish/versions
+# start without importing ``datasets`` (schema does); tests/test_versions.py checks they agree.
+README, MANIFEST, SPLIT = "README.md", "magpie_manifest.json", "train"
 VERSION_RE = re.compile(r"^v(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 KEEP_REMOTE = frozenset({".gitattributes"})  # the repo's LFS rules: never deleted
@@ -83,6 +84,15 @@ class PublishResult:
     commit: str | None
     status: str        # published | tagged | unchanged | dry-run
     plan: Plan
+
+
+def config_names(directory: Path) -> list[str]:
+    """Config folders holding ``train-*.parquet`` shards (the layout of docs/architecture.md).
+
+    Same rule as :func:`magpie_hub.dataset_dir.config_names`, without importing ``datasets`` (CLI start-up).
+    """
+    return sorted(p.name for p in directory.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and any(p.glob(f"{SPLIT}-*.parquet")))
 
 
 def hash_file(path: Path) -> tuple[str, str, int]:

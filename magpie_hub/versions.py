@@ -20,8 +20,7 @@ from rich.table import Table
 
 from magpie_hub.errors import HubError
 from magpie_hub.hub_auth import call, endpoint, hub_api, resolve_token
-from magpie_hub.publish import REPO_RE, REPO_TYPE
-from magpie_hub.schema import SPLIT
+from magpie_hub.publish import REPO_RE, REPO_TYPE, SPLIT
 
 DISTRIBUTION_COLUMNS = ("category", "difficulty", "language", "task_category")
 TOP_VALUES = 12

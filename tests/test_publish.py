@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -89,24 +91,23 @@ def client(hub, code: str, **extra) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def hub_get(hub, path: str):
+    """Read the Hub API directly (plain HTTP, no client import: fast)."""
+    req = urllib.request.Request(hub.url + path, headers={"Authorization": f"Bearer {hub.token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
 def state(hub, repo: str) -> dict:
-    return client(hub, f"""
-import json
-from huggingface_hub import HfApi
-api = HfApi()
-refs = api.list_repo_refs({repo!r}, repo_type="dataset")
-commits = api.list_repo_commits({repo!r}, repo_type="dataset")
-print(json.dumps({{"branches": {{b.name: b.target_commit for b in refs.branches}},
-                  "tags": {{t.name: t.target_commit for t in refs.tags}}, "commits": [c.commit_id for c in commits]}}))
-""")
+    refs = hub_get(hub, f"/api/datasets/{repo}/refs")
+    return {"branches": {b["name"]: b["targetCommit"] for b in refs["branches"]},
+            "tags": {t["name"]: t["targetCommit"] for t in refs["tags"]},
+            "commits": [c["id"] for c in hub_get(hub, f"/api/datasets/{repo}/commits/main")]}
 
 
 def files_at(hub, repo: str, rev: str) -> list[str]:
-    return client(hub, f"""
-import json
-from huggingface_hub import HfApi
-print(json.dumps(HfApi().list_repo_files({repo!r}, repo_type="dataset", revision={rev!r})))
-""")
+    tree = hub_get(hub, f"/api/datasets/{repo}/tree/{urllib.parse.quote(rev, safe='')}?recursive=true")
+    return sorted(e["path"] for e in tree if e["type"] == "file")
 
 
 def publish(hub, directory: Path, repo: str, version: str, *args: str, fast: bool = False, **extra):
@@ -337,7 +338,10 @@ def test_xet_needs_to_be_disabled_for_a_hub_without_xet(hub, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "no_readme", "no_config", "bad_version", "bad_repo"])
-def test_bad_input_is_one_line_exit_2(tmp_path, case):
+def test_bad_input_is_refused_before_any_network(tmp_path, case):
+    from magpie_hub.errors import MagpieError
+    from magpie_hub.publish import publish as do_publish
+
     d = tmp_path / "ds"
     if case != "missing":
         write_dataset(d, "a", {"single_turn": 2})
@@ -347,6 +351,14 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case):
         (d / "single_turn" / "train-00000-of-00001.parquet").unlink()
     version = "1.0" if case == "bad_version" else "v1.0.0"
     repo = "no-slash" if case == "bad_repo" else "org/x"
-    proc = run_cli("publish", str(d), "--repo", repo, "--version", version, "--dry-run")
+    with pytest.raises(MagpieError) as err:  # HF_HUB_OFFLINE=1 here: any Hub call would fail differently
+        do_publish(d, repo=repo, version=version)
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    assert {"missing": "not a directory", "no_readme": "README.md", "no_config": "no config",
+            "bad_version": "vX.Y.Z", "bad_repo": "ORG/NAME"}[case] in str(err.value)
+
+
+def test_bad_input_cli_one_line_exit_2(tmp_path):
+    proc = run_cli("publish", str(tmp_path / "nope"), "--repo", "org/x", "--version", "v1.0.0")
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:")
