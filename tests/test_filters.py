@@ -272,11 +272,6 @@ def test_cli_end_to_end(tmp_path):
         "filter"]["rows_out"]["single_turn"]
     assert set(ds.column_names) >= {"uuid", "input_quality", "response_length"}
 
-    empty = run_cli("filter", str(src), "--preset", _yaml(tmp_path, "rules: [instruct_reward > 1000]"),
-                    "--out", str(tmp_path / "empty"))
-    assert empty.returncode == 0 and "warning" in empty.stderr and "no rows" in empty.stderr
-    assert pq.read_table(tmp_path / "empty" / "single_turn").num_rows == 0
-
     bad = run_cli("filter", str(src), "--preset", _yaml(tmp_path, "rules: [safety == safe]"),
                   "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2
@@ -286,3 +281,15 @@ def test_cli_end_to_end(tmp_path):
     assert not (tmp_path / "bad").exists()
     unknown = run_cli("filter", str(src), "--preset", "platinum", "--out", str(tmp_path / "x"))
     assert unknown.returncode == 2 and "unknown filter preset 'platinum'" in unknown.stderr
+
+
+def test_empty_result_is_written_and_warned(tmp_path):
+    src = tmp_path / "src"
+    make_tagged_dir(src, {"single_turn": 12, "math": 6})
+    empty = run_cli("filter", str(src), "--preset", _yaml(tmp_path, "rules: ['uuid startswith single']"),
+                    "--out", str(tmp_path / "empty"))
+    assert empty.returncode == 0, empty.stderr
+    assert "warning" in empty.stderr and "no rows in math" in empty.stderr.replace("\n", " ")
+    assert pq.read_table(tmp_path / "empty" / "math").num_rows == 0
+    assert pq.read_table(tmp_path / "empty" / "single_turn").num_rows == 12
+    assert (tmp_path / "empty" / "README.md").is_file()
