@@ -258,3 +258,27 @@ def test_scripted_backend_cycles_and_reports_unmatched(tmp_path):
     r = asyncio.run(only_matched.generate(GenerationRequest("nope", params)))
     assert r.finish_reason == "error" and r.error
     assert backend.info().name == "scripted"
+
+
+def test_judge_through_a_tgi_server(tmp_path, tiny_llama3, monkeypatch):
+    """Any backend: the same step against a TGI stand-in on 127.0.0.1 (simulated generation)."""
+    from huggingface_hub import constants
+    from tgi_server import launched
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # offline mode blocks even 127.0.0.1
+    log = tmp_path / "requests.jsonl"
+    root = make_rows_dir(tmp_path / "ds", {"single": [f"Question {i}?" for i in range(5)]})
+    with launched(tiny_llama3, "--simulate", "--ms-per-token", "0", "--log-requests", str(log)) as (url, _):
+        tag_dataset(root, [{"difficulty": {"model": str(tiny_llama3), "backend": "tgi", "endpoint": url,
+                                           "max_new_tokens": 16, "concurrency": 2}}], analyze=False)
+    requests = [json.loads(line)["body"] for line in log.read_text().splitlines()]
+    assert len(requests) == 5
+    for body in requests:
+        assert body["inputs"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n{")
+        assert "very easy/easy/medium/hard/very hard" in body["inputs"]
+        params = body["parameters"]
+        assert params["max_new_tokens"] == 16 and "}" in params["stop"] and not params.get("do_sample")
+    info = json.loads((root / "magpie_manifest.json").read_text())["tags"]["steps"]["difficulty"]
+    c = info["counts"]
+    assert c["rows"] == 5 and c["tagged"] + c["unparseable"] + c["off_label"] + c["failed"] == 5
+    assert info["backend"] == "tgi"
