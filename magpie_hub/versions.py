@@ -233,7 +233,8 @@ def diff_versions(repo: str, a: str, b: str, console: Console | None = None) -> 
             if dist["total_variation"] == 0:
                 console.print(f"{name} / {col}: distribution unchanged")
                 continue
-            t = Table(title=f"{name} / {col}: shift (total variation {dist['total_variation']:.3f})")
+            console.print(f"{name} / {col}: shift (total variation {dist['total_variation']:.3f})")
+            t = Table()
             for head in ("value", a, b, "change (pp)"):
                 t.add_column(head, justify="left" if head == "value" else "right", overflow="fold")
             for k, (x, y) in list(dist["shares"].items())[:TOP_VALUES]:
