@@ -282,3 +282,16 @@ def test_judge_through_a_tgi_server(tmp_path, tiny_llama3, monkeypatch):
     c = info["counts"]
     assert c["rows"] == 5 and c["tagged"] + c["unparseable"] + c["off_label"] + c["failed"] == 5
     assert info["backend"] == "tgi"
+
+
+def test_secrets_in_options_never_reach_the_manifest(tmp_path, tiny_llama3, monkeypatch):
+    secret = "hf_" + "s3cr3tT0kenValue1234"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    answers = write_answers(tmp_path / "a.jsonl", [{"text": '"input_quality": "good", "explanation": "ok"'}])
+    root = make_rows_dir(tmp_path / "ds", {"single": ["q1", "q2"]})
+    tag_dataset(root, [{"quality": {"model": str(tiny_llama3), "backend": "scripted",
+                                    "backend_options": {"answers": answers, "token": secret,
+                                                        "note": f"x{secret}"}}}], analyze=False)
+    text = (root / "magpie_manifest.json").read_text()
+    assert secret not in text and "s3cr3t" not in text
+    assert json.loads(text)["tags"]["steps"]["quality"]["counts"]["tagged"] == 2
