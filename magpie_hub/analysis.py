@@ -206,7 +206,7 @@ def _plot_distribution(column: str, stats: dict, path: Path, top: int = 15) -> b
     ax.invert_yaxis()
     ax.set_xlabel("share of tagged rows (%)")
     ax.set_title(f"{column.replace('_', ' ').capitalize()} distribution")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # outside: bars reach the edge
     _save(fig, path)
     return True
 
