@@ -73,6 +73,9 @@ def test_match_and_membership():
         parse_rule("language in en")
     with pytest.raises(RecipeError, match="quoted string"):
         parse_rule("instruction endswith 3")
+    lists = pa.table({"other_task_category": [["Math"], []]})
+    with pytest.raises(RecipeError, match="compare single values"):
+        parse_rule("other_task_category in [Math]").keep_mask(lists)
 
 
 def test_dedup_keeps_first_row_of_each_group():

@@ -39,6 +39,15 @@ _WORD_RE = re.compile(
 _LONGEST_RE = re.compile(r"^\s*keep_longest\s+(?P<n>\d+)(?:\s+by\s+(?P<by>[A-Za-z_]\w*))?\s*$")
 
 
+def _scalar(table: pa.Table, column: str, rule: FilterRule) -> pa.ChunkedArray:
+    """The column's values; a nested column (list, struct) cannot be compared: a one-line error."""
+    values = table.column(column)
+    if pa.types.is_nested(values.type):
+        raise RecipeError(f"filter rule '{rule.describe()}': column {column} holds {values.type} values; rules "
+                          "compare single values (text, numbers, labels)")
+    return values
+
+
 def _finish(result: pa.Array | pa.ChunkedArray) -> tuple[pa.BooleanArray, int]:
     """Nulls in a comparison result mean "unknown": removed, and counted."""
     nulls = int(result.null_count)
@@ -80,7 +89,7 @@ class CompareRule(FilterRule):
         return f"{self.column} {self.op} {value}"
 
     def keep_mask(self, table: pa.Table) -> tuple[pa.BooleanArray, int]:
-        values = table.column(self.column)
+        values = _scalar(table, self.column, self)
         func = getattr(pc, _SYMBOL_OPS[self.op])
         if self.scale is not None:
             labels = pc.utf8_lower(pc.utf8_trim_whitespace(values.cast(pa.string())))
@@ -119,7 +128,7 @@ class MatchRule(FilterRule):
         return f"{self.column} {'not ' if self.negate else ''}{self.op} {self.pattern!r}"
 
     def keep_mask(self, table: pa.Table) -> tuple[pa.BooleanArray, int]:
-        values = table.column(self.column)
+        values = _scalar(table, self.column, self)
         if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
             raise RecipeError(f"filter rule '{self.describe()}': column {self.column} is {values.type}, not text")
         hit = getattr(pc, _MATCH_OPS[self.op])(values, pattern=self.pattern)
@@ -147,7 +156,7 @@ class MembershipRule(FilterRule):
         return f"{self.column} {'not ' if self.negate else ''}in [{', '.join(map(str, self.values))}]"
 
     def keep_mask(self, table: pa.Table) -> tuple[pa.BooleanArray, int]:
-        values = table.column(self.column)
+        values = _scalar(table, self.column, self)
         if self.fold:
             values = pc.utf8_lower(pc.utf8_trim_whitespace(values.cast(pa.string())))
         try:
@@ -205,7 +214,7 @@ class KeepLongestRule(FilterRule):
         return {**super().to_dict(), "n": self.n, "by": self.by}
 
     def keep_mask(self, table: pa.Table) -> tuple[pa.BooleanArray, int]:
-        column = table.column(self.by)
+        column = _scalar(table, self.by, self)
         if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
             raise RecipeError(f"filter rule '{self.describe()}': column {self.by} is {column.type}, not numeric")
         values = pc.fill_null(column.cast(pa.float64()), -np.inf).to_numpy()
