@@ -250,9 +250,13 @@ def _public(value: Any) -> Any:
 
 
 class JudgeStep(BackendStep):
-    """A judge question about the row's ``instruction``, asked in the judge's own chat format."""
+    """A judge question about the row's ``instruction``, asked in the judge's own chat format; the answer's
+    label (under one of ``label_keys``) must be one of ``labels``."""
 
     requires = ("instruction",)
+    label_column: ClassVar[str]
+    label_keys: ClassVar[tuple[str, ...]]
+    labels: ClassVar[tuple[str, ...]]
 
     def prepare(self, model: str) -> None:
         from magpie_hub.chat_format import load_chat_format
@@ -282,8 +286,18 @@ class JudgeStep(BackendStep):
             return None
         return self.chat_format.assistant_prompt([], user=self.question(instruction)) + self.prefill
 
-    def _object(self, text: str) -> dict | None:
-        return extract_object(text, prefix=self.prefill)
+    def parse(self, text: str) -> tuple[dict[str, Any] | None, str]:
+        obj = extract_object(text, prefix=self.prefill)
+        if obj is None:
+            return None, "unparseable"
+        label = normalise_label(get_key(obj, *self.label_keys), self.labels)
+        if label is None:
+            return None, "off_label"
+        return {self.label_column: label, **self.details(obj, label)}, "tagged"
+
+    def details(self, obj: dict, label: str) -> dict[str, Any]:
+        """The step's free-text / secondary columns from the parsed answer (the label is valid)."""
+        return {}
 
 
 class TaskCategoryStep(JudgeStep):
@@ -291,23 +305,17 @@ class TaskCategoryStep(JudgeStep):
     generator_column = "task_category_generator"
     features = Features({"task_category": Value("string"), "other_task_category": List(Value("string")),
                          "task_category_generator": Value("string")})
+    label_column, label_keys, labels = "task_category", ("primary_tag", "task_category"), tuple(TASK_CATEGORIES)
 
     def question(self, instruction: str) -> str:
         return classification_prompt(instruction)
 
-    def parse(self, text: str) -> tuple[dict[str, Any] | None, str]:
-        obj = self._object(text)
-        if obj is None:
-            return None, "unparseable"
-        primary = normalise_label(get_key(obj, "primary_tag", "task_category"), TASK_CATEGORIES)
-        if primary is None:
-            return None, "off_label"
+    def details(self, obj: dict, label: str) -> dict[str, Any]:
         others = get_key(obj, "other_tags", "other_task_category")
         others = [others] if isinstance(others, str) else others if isinstance(others, list) else []
-        labels = [normalise_label(o, TASK_CATEGORIES) for o in others]
+        found = [normalise_label(o, self.labels) for o in others]
         # off-label entries of the secondary list (e.g. the "<tag 1>" placeholder) are dropped, not guessed
-        other = list(dict.fromkeys(lab for lab in labels if lab is not None and lab != primary))
-        return {"task_category": primary, "other_task_category": other}, "tagged"
+        return {"other_task_category": list(dict.fromkeys(f for f in found if f is not None and f != label))}
 
 
 class DifficultyStep(JudgeStep):
@@ -315,19 +323,13 @@ class DifficultyStep(JudgeStep):
     generator_column = "difficulty_generator"
     features = Features({"difficulty": Value("string"), "intent": Value("string"), "knowledge": Value("string"),
                          "difficulty_generator": Value("string")})
+    label_column, label_keys, labels = "difficulty", ("difficulty",), DIFFICULTIES
 
     def question(self, instruction: str) -> str:
         return difficulty_prompt(instruction)
 
-    def parse(self, text: str) -> tuple[dict[str, Any] | None, str]:
-        obj = self._object(text)
-        if obj is None:
-            return None, "unparseable"
-        label = normalise_label(get_key(obj, "difficulty"), DIFFICULTIES)
-        if label is None:
-            return None, "off_label"
-        return {"difficulty": label, "intent": free_text(get_key(obj, "intent")),
-                "knowledge": free_text(get_key(obj, "knowledge"))}, "tagged"
+    def details(self, obj: dict, label: str) -> dict[str, Any]:
+        return {"intent": free_text(get_key(obj, "intent")), "knowledge": free_text(get_key(obj, "knowledge"))}
 
 
 class QualityStep(JudgeStep):
@@ -335,16 +337,10 @@ class QualityStep(JudgeStep):
     generator_column = "quality_generator"
     features = Features({"input_quality": Value("string"), "quality_explanation": Value("string"),
                          "quality_generator": Value("string")})
+    label_column, label_keys, labels = "input_quality", ("input_quality", "quality"), QUALITIES
 
     def question(self, instruction: str) -> str:
         return quality_prompt(instruction)
 
-    def parse(self, text: str) -> tuple[dict[str, Any] | None, str]:
-        obj = self._object(text)
-        if obj is None:
-            return None, "unparseable"
-        label = normalise_label(get_key(obj, "input_quality", "quality"), QUALITIES)
-        if label is None:
-            return None, "off_label"
-        return {"input_quality": label,
-                "quality_explanation": free_text(get_key(obj, "explanation", "quality_explanation"))}, "tagged"
+    def details(self, obj: dict, label: str) -> dict[str, Any]:
+        return {"quality_explanation": free_text(get_key(obj, "explanation", "quality_explanation"))}
