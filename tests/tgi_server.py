@@ -62,22 +62,58 @@ def stop_on_text(tokenizer, stops: list[str], start: int):
 
     class StopOnText(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            tail = tokenizer.decode(input_ids[0, max(start, input_ids.shape[1] - 16):])
+            tail = tokenizer.decode(input_ids[0, max(start, input_ids.shape[1] - 16):].tolist())
             return torch.tensor([any(s in tail for s in stops)] * input_ids.shape[0])
 
     return StopOnText()
+
+
+class Tok:
+    """The model's tokenizer through the ``tokenizers`` library, as TGI's router uses it (encodes with
+    special tokens added). Simulated mode reads ``tokenizer.json`` directly (starts in well under a
+    second); model mode takes transformers' backend tokenizer."""
+
+    def __init__(self, model_dir: str, *, light: bool):
+        path = Path(model_dir)
+        config = self._json(path / "tokenizer_config.json")
+        if light and (path / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            self.backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+        else:
+            from transformers import AutoTokenizer
+
+            self.backend = AutoTokenizer.from_pretrained(model_dir).backend_tokenizer
+        self.special_ids = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        eos = self._json(path / "generation_config.json").get("eos_token_id")
+        self.eos_ids = list(eos) if isinstance(eos, list) else ([eos] if eos is not None else [])
+        eos_text = config.get("eos_token")
+        eos_text = eos_text.get("content") if isinstance(eos_text, dict) else eos_text
+        if eos_text and self.backend.token_to_id(eos_text) not in (None, *self.eos_ids):
+            self.eos_ids.append(self.backend.token_to_id(eos_text))
+
+    @staticmethod
+    def _json(path: Path) -> dict:
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def encode(self, text: str):
+        return self.backend.encode(text, add_special_tokens=True)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        return self.backend.id_to_token(token_id) or ""
 
 
 class Server:
     """State of one stand-in server: tokenizer (+ model), limits, slots, faults, counters."""
 
     def __init__(self, args: argparse.Namespace):
-        from transformers import AutoTokenizer
-
         self.args = args
         self.model_dir = args.model
-        self.tokenizer = AutoTokenizer.from_pretrained(args.model)
-        self.eos_ids = self._eos_ids(args.model)
+        self.tokenizer = Tok(args.model, light=args.simulate)
+        self.eos_ids = self.tokenizer.eos_ids
         self.model = None
         if not args.simulate:
             import torch
@@ -93,19 +129,6 @@ class Server:
                         "faults_503": 0, "faults_429": 0, "overloaded_429": 0, "drops": 0, "stalls": 0,
                         "validation_422": 0, "unauthorized_401": 0, "busy_slot_seconds": 0.0}
         self.started = time.monotonic()
-
-    def _eos_ids(self, model_dir: str) -> list[int]:
-        ids: list[int] = []
-        try:
-            from transformers import GenerationConfig
-
-            eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-            ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-        except OSError:
-            pass
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
-        return ids
 
     # ----------------------------------------------------------------------------------- protocol
     def info(self) -> dict:
@@ -144,7 +167,7 @@ class Server:
             return validation_error("`max_new_tokens` must be strictly positive")
         if not body["inputs"]:
             return validation_error("`inputs` cannot be empty")
-        ids = self.tokenizer(body["inputs"], add_special_tokens=True).input_ids
+        ids = self.tokenizer.encode(body["inputs"]).ids
         if len(ids) > self.args.max_input_tokens:
             return validation_error(f"`inputs` must have less than {self.args.max_input_tokens} tokens. "
                                     f"Given: {len(ids)}")
@@ -204,7 +227,7 @@ class Server:
                 break
         if finish == "length" and len(tokens) < limit:
             eos = self.eos_ids[0] if self.eos_ids else 0
-            tokens.append({"id": eos, "text": self.tokenizer.convert_ids_to_tokens(eos) or "", "logprob": -0.1,
+            tokens.append({"id": eos, "text": self.tokenizer.token_text(eos), "logprob": -0.1,
                            "special": True})
             finish = "eos_token"
         async with self.slots:
@@ -232,7 +255,7 @@ class Server:
         self.metrics["busy_slot_seconds"] += time.monotonic() - started
         new = out.sequences[0, len(ids):].tolist()
         tokens, finish = [], "length"
-        special = set(self.tokenizer.all_special_ids)
+        special = self.tokenizer.special_ids
         for i, tid in enumerate(new):
             logprob = torch.log_softmax(out.logits[i][0].float(), dim=-1)[tid].item()
             tokens.append({"id": tid, "text": self.tokenizer.decode([tid]), "logprob": round(logprob, 4),
@@ -328,10 +351,10 @@ class Server:
         if not self.authorized(request):
             return error_response(401, "Unauthorized", "authorization")
         body = await request.json()
-        enc = self.tokenizer(body.get("inputs", ""), add_special_tokens=True, return_offsets_mapping=True)
+        enc = self.tokenizer.encode(body.get("inputs", ""))
         return web.json_response([
             {"id": i, "text": self.tokenizer.decode([i]), "start": s, "stop": e}
-            for i, (s, e) in zip(enc.input_ids, enc.offset_mapping, strict=True)])
+            for i, (s, e) in zip(enc.ids, enc.offsets, strict=True)])
 
     async def handle_info(self, request: web.Request) -> web.Response:
         if not self.authorized(request):

@@ -1,0 +1,370 @@
+"""The tgi backend against the TGI stand-in: server checks, request parameters, BOS, retries and
+fail-fast errors (in process), and ``magpie-hub build --backend tgi`` end to end (subprocesses)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, run_cli
+from tgi_server import launched
+
+from magpie_hub.backends.base import GenerationRequest, SamplingParams
+from magpie_hub.backends.tgi import TGIBackend
+from magpie_hub.errors import BackendError, RecipeError
+
+pytestmark = pytest.mark.slow
+BOS = "<|begin_of_text|>"
+PROMPT = BOS + "<|start_header_id|>user<|end_header_id|>\n\n"
+FAST = {"backoff_base": 0.01, "backoff_cap": 0.05}
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """huggingface_hub's offline mode (set by conftest) blocks even 127.0.0.1: lift it in process."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture(scope="session")
+def bos_model(tiny_llama3, tmp_path_factory) -> Path:
+    """The tiny model with a tokenizer that adds BOS itself (like real Llama-3: TGI would double it)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("bos") / "tiny-bos"
+    shutil.copytree(tiny_llama3, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                       special_tokens=[(BOS, tok.bos_token_id)])
+    tok.save_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out)("hi").input_ids[0] == tok.bos_token_id
+    return out
+
+
+def req(prompt=PROMPT, *, temperature=1.0, top_p=1.0, max_new_tokens=24, seed=1, stop=("<|eot_id|>",)):
+    return GenerationRequest(prompt, SamplingParams(temperature=temperature, top_p=top_p,
+                                                    max_new_tokens=max_new_tokens, seed=seed), stop=stop)
+
+
+async def _generate_all(backend, requests):
+    async with backend:
+        return await asyncio.gather(*(backend.generate(r) for r in requests))
+
+
+def logged(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        return {k: float(v) for k, v in (line.split() for line in resp.read().decode().splitlines())}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- backend
+def test_server_info_bos_strip_and_valid_parameters(bos_model, tmp_path, online):
+    log = tmp_path / "req.jsonl"
+    with launched(bos_model, "--simulate", "--ms-per-token", "0", "--max-concurrent-requests", "7",
+                  "--log-requests", str(log)) as (url, _):
+        backend = TGIBackend(str(bos_model), endpoint=url, **FAST)
+        stops = ("<|eot_id|>", "A", "B", "C", "how")
+        results = asyncio.run(_generate_all(backend, [
+            req(temperature=1.0, top_p=1.0, seed=5, stop=stops), req(temperature=0.0, seed=9),
+            req(temperature=0.7, top_p=0.9, seed=2**64 + 3)]))
+        assert backend.max_concurrency == 7 and backend.strip_prefix == BOS
+        assert asyncio.run(_start_limit(TGIBackend(str(bos_model), endpoint=url, max_concurrency=3))) == 3
+    sampled, greedy, nucleus = (entry["body"] for entry in logged(log))
+    assert all(not e["body"]["inputs"].startswith(BOS) for e in logged(log))
+    first_ids = logged(log)[0]["input_ids"]
+    assert first_ids.count(first_ids[0]) == 1  # exactly one BOS reached the model
+    p = sampled["parameters"]
+    assert p["details"] is True and p["return_full_text"] is False and "top_p" not in p
+    assert p["do_sample"] is True and p["temperature"] == 1.0 and p["seed"] == 5 and p["stop"] == list(stops[:4])
+    assert greedy["parameters"]["do_sample"] is False and "temperature" not in greedy["parameters"]
+    assert "seed" not in greedy["parameters"]
+    assert nucleus["parameters"]["top_p"] == 0.9 and nucleus["parameters"]["seed"] == 3
+    for r in results:
+        assert r.finish_reason in ("stop", "length") and r.generated_tokens >= 1 and r.error is None
+    assert "how" not in results[0].text  # the 5th stop string is applied locally
+    info = backend.info()
+    assert info.name == "tgi" and info.extra["endpoint"] == url and info.extra["strip_bos"] is True
+
+
+async def _start_limit(backend):
+    async with backend:
+        return backend.max_concurrency
+
+
+def test_no_strip_when_the_server_does_not_add_bos(tiny_llama3, tmp_path, online):
+    log = tmp_path / "req.jsonl"
+    with launched(tiny_llama3, "--simulate", "--ms-per-token", "0", "--log-requests", str(log)) as (url, _):
+        backend = TGIBackend(str(tiny_llama3), endpoint=url)
+        (result,) = asyncio.run(_generate_all(backend, [req()]))
+    assert backend.strip_prefix is None and logged(log)[0]["body"]["inputs"] == PROMPT
+    assert result.finish_reason in ("stop", "length")
+
+
+def test_stop_sequences_end_the_text(tiny_llama3, online):
+    with launched(tiny_llama3, "--simulate", "--ms-per-token", "0", "--mean-tokens", "30") as (url, _):
+        plain = asyncio.run(_generate_all(TGIBackend(str(tiny_llama3), endpoint=url),
+                                          [req(seed=s, max_new_tokens=60) for s in range(10)]))
+        word = " " + plain[0].text.split()[1] if len(plain[0].text.split()) > 1 else " the"
+        cut = asyncio.run(_generate_all(TGIBackend(str(tiny_llama3), endpoint=url),
+                                        [req(seed=s, max_new_tokens=60, stop=(word,)) for s in range(10)]))
+    hits = 0
+    for full, short in zip(plain, cut, strict=True):
+        if word in full.text:
+            hits += 1
+            assert short.finish_reason == "stop" and short.text == full.text[: full.text.index(word)]
+        else:
+            assert short == full
+    assert hits >= 1
+
+
+def test_model_mismatch_and_check_model_false(tiny_llama3, online):
+    with launched(tiny_llama3, "--simulate", "--model-id", "meta-llama/Meta-Llama-3-70B-Instruct") as (url, _):
+        with pytest.raises(BackendError, match="model mismatch.*Meta-Llama-3-70B-Instruct.*check_model: false"):
+            asyncio.run(_generate_all(TGIBackend(str(tiny_llama3), endpoint=url), []))
+        asyncio.run(_generate_all(TGIBackend(str(tiny_llama3), endpoint=url, check_model=False), [req()]))
+
+
+def test_bad_endpoints_fail_fast_with_one_line(tiny_llama3, online, monkeypatch):
+    with pytest.raises(RecipeError, match="MAGPIE_TGI_ENDPOINT"):
+        TGIBackend("m")
+    with pytest.raises(RecipeError, match="not an http"):
+        TGIBackend("m", endpoint="localhost:8080")
+    started = time.monotonic()
+    with pytest.raises(BackendError, match="cannot reach the TGI server") as err:
+        asyncio.run(_generate_all(TGIBackend("m", endpoint=f"http://127.0.0.1:{free_port()}"), []))
+    assert time.monotonic() - started < 15 and "\n" not in str(err.value)
+    with launched(tiny_llama3, "--simulate") as (url, _):
+        with pytest.raises(BackendError, match="not a TGI server"):
+            asyncio.run(_generate_all(TGIBackend(str(tiny_llama3), endpoint=url + "/v1"), []))
+        monkeypatch.setenv("MAGPIE_TGI_ENDPOINT", url)
+        (result,) = asyncio.run(_generate_all(TGIBackend(str(tiny_llama3)), [req()]))
+        assert result.finish_reason != "error"
+
+
+def test_token_from_env_and_dotenv_401_is_fatal(tiny_llama3, online, monkeypatch, tmp_path):
+    secret, wrong = "hf_standinSecret123456", "hf_wrongTokenValue98765"
+    with launched(tiny_llama3, "--simulate", "--token", secret) as (url, _):
+        monkeypatch.setenv("HF_TOKEN", wrong)
+        with pytest.raises(BackendError, match="HTTP 401.*HF_TOKEN") as err:
+            asyncio.run(_generate_all(TGIBackend(str(tiny_llama3), endpoint=url), []))
+        assert wrong not in str(err.value) and secret not in str(err.value)
+        monkeypatch.delenv("HF_TOKEN")
+        (tmp_path / ".env").write_text(f"HF_TOKEN={secret}\n")  # tests run in tmp_path
+        (ok,) = asyncio.run(_generate_all(TGIBackend(str(tiny_llama3), endpoint=url), [req()]))
+        assert ok.finish_reason != "error"
+
+
+def test_transient_faults_are_retried_until_success(tiny_llama3, online):
+    with launched(tiny_llama3, "--simulate", "--ms-per-token", "1", "--fail-503", "0.15", "--fail-429", "0.1",
+                  "--drop", "0.1", "--stall", "0.1", "--stall-s", "2") as (url, _):
+        backend = TGIBackend(str(tiny_llama3), endpoint=url, timeout=0.5, max_retries=25, **FAST)
+        results = asyncio.run(_generate_all(backend, [req(seed=s) for s in range(40)]))
+        m = metrics(url)
+    assert all(r.finish_reason in ("stop", "length") for r in results)
+    kinds = {k.split(":", 1)[1].split()[0] for k in backend.stats if k.startswith("retry:")}
+    assert {"HTTP", "timeout", "connection"} <= kinds
+    assert m["tgi_standin_faults_503"] > 0 and m["tgi_standin_drops"] > 0 and m["tgi_standin_stalls"] > 0
+    assert backend.stats["requests_ok"] == 40
+
+
+def test_exhausted_retries_return_error_results(tiny_llama3, online):
+    with launched(tiny_llama3, "--simulate", "--ms-per-token", "0", "--fail-503", "0.6") as (url, _):
+        backend = TGIBackend(str(tiny_llama3), endpoint=url, max_retries=1, **FAST)
+        results = asyncio.run(_generate_all(backend, [req(seed=s) for s in range(30)]))
+    errors = [r for r in results if r.finish_reason == "error"]
+    assert errors and len(errors) < 30
+    assert all(r.text == "" and r.generated_tokens == 0 and "HTTP 503" in r.error for r in errors)
+
+
+def test_validation_422_is_fatal_and_prompts_must_fit(tiny_llama3, online):
+    with launched(tiny_llama3, "--simulate", "--ms-per-token", "0", "--max-input-tokens", "40",
+                  "--max-total-tokens", "56") as (url, _):
+        long_prompt = PROMPT + "word " * 40
+
+        async def scenario():
+            backend = TGIBackend(str(tiny_llama3), endpoint=url)
+            async with backend:
+                with pytest.raises(BackendError, match="does not fit the TGI server"):
+                    await backend.generate(req(long_prompt))  # nothing succeeded yet: the run stops
+                clamped = await backend.generate(req(max_new_tokens=500))  # clamped to max_total_tokens
+                later = await backend.generate(req(long_prompt))          # this conversation outgrew the server
+                backend.server["max_stop_sequences"] = 5
+                with pytest.raises(BackendError, match=r"rejected a request \(HTTP 422\).*4 stop sequences"):
+                    await backend.generate(req(stop=("a", "b", "c", "d", "e")))
+                return clamped, later
+
+        clamped, later = asyncio.run(scenario())
+    assert clamped.finish_reason in ("stop", "length") and clamped.generated_tokens <= 56
+    assert later.finish_reason == "length" and "does not fit" in later.error
+
+
+def test_a_vanished_server_stops_the_run(tiny_llama3, online):
+    async def scenario(url, proc):
+        backend = TGIBackend(str(tiny_llama3), endpoint=url, max_retries=2, **FAST)
+        async with backend:
+            await backend.generate(req())
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            with pytest.raises(BackendError, match="lost the TGI server.*connection refused"):
+                await backend.generate(req())
+
+    with launched(tiny_llama3, "--simulate", "--ms-per-token", "0") as (url, proc):
+        asyncio.run(scenario(url, proc))
+
+
+def test_offline_mode_is_explained(tiny_llama3):
+    with pytest.raises(BackendError, match="unset HF_HUB_OFFLINE"):
+        asyncio.run(_generate_all(TGIBackend(str(tiny_llama3), endpoint="http://127.0.0.1:9"), []))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def write_recipe(path: Path, model: Path, configs: str, **options) -> Path:
+    opts = {"timeout": 1.5, "backoff_base": 0.02, "backoff_cap": 0.2, **options}
+    path.write_text(f"""name: tgi-cli
+model: {model}
+backend: tgi
+backend_options: {json.dumps(opts)}
+seed: 3
+instruction_sampling:
+  - {{temperature: 1.0, top_p: 1.0, share: 0.5}}
+  - {{temperature: 1.1, top_p: 0.995, share: 0.5}}
+response_sampling: {{temperature: 0.0}}
+max_new_tokens: {{instruction: 48, response: 64}}
+max_attempts: 40
+concurrency: 32
+configs:
+{configs}""")
+    return path
+
+
+def load_rows(out: Path, config: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    files = sorted((out / config).glob("*.parquet"))
+    assert files, f"no shards in {out / config}"
+    return [row for f in files for row in pq.read_table(f).to_pylist()]
+
+
+SIM = ("--simulate", "--ms-per-token", "1", "--mean-tokens", "14", "--slots", "16")
+CONFIGS = """  single_turn: {rows: 12}
+  multi_turn: {rows: 6, turns: 3}
+  math: {rows: 6, category: math}
+"""
+
+
+def test_cli_build_single_multi_category_with_and_without_faults(tiny_llama3, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama3, CONFIGS)
+    log = tmp_path / "req.jsonl"
+    with launched(tiny_llama3, *SIM, "--log-requests", str(log)) as (url, _):
+        proc = run_cli("build", str(recipe), "--out", str(tmp_path / "clean"), "--backend", "tgi",
+                       "--endpoint", url, env=cli_env(online=True))
+        assert proc.returncode == 0, proc.stderr
+    faults = ("--fail-503", "0.03", "--fail-429", "0.03", "--drop", "0.02", "--stall", "0.02", "--stall-s", "3")
+    with launched(tiny_llama3, *SIM, *faults, "--fault-seed", "11") as (url, _):
+        proc = run_cli("build", str(recipe), "--out", str(tmp_path / "faulty"), "--endpoint", url,
+                       env=cli_env(online=True))
+        assert proc.returncode == 0, proc.stderr
+        m = metrics(url)
+    assert m["tgi_standin_faults_503"] + m["tgi_standin_faults_429"] + m["tgi_standin_drops"] \
+        + m["tgi_standin_stalls"] >= 3
+    for name, rows, turns in (("single_turn", 12, 1), ("multi_turn", 6, 3), ("math", 6, 1)):
+        clean, faulty = load_rows(tmp_path / "clean", name), load_rows(tmp_path / "faulty", name)
+        assert len(clean) == rows == len({r["uuid"] for r in clean})
+        assert len(faulty) == rows == len({r["uuid"] for r in faulty})
+        assert all(r["turns"] == turns and len(r["messages"]) == 2 * turns for r in clean)
+        assert all(r["instruction"] and r["response"] for r in clean)
+        if name == "math":
+            assert {r["category"] for r in clean} == {"math"}
+        # retried requests repeat the same seed: faults change nothing in the data
+        assert sorted(clean, key=lambda r: r["uuid"]) == sorted(faulty, key=lambda r: r["uuid"])
+    manifest = json.loads((tmp_path / "clean" / "magpie_manifest.json").read_text())
+    assert manifest["backend"]["name"] == "tgi"
+    for entry in logged(log):
+        p = entry["body"]["parameters"]
+        assert len(p.get("stop", [])) <= 4 and 0 < p.get("top_p", 0.5) < 1
+        assert p["do_sample"] is ("temperature" in p)
+        assert entry["body"]["inputs"].count(BOS) == 1  # this tokenizer adds no BOS: the template's stays
+
+
+def test_cli_401_ends_the_run_with_one_line(tiny_llama3, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama3, CONFIGS)
+    wrong = "hf_notTheRightToken4242"
+    with launched(tiny_llama3, *SIM, "--token", "hf_serverSideSecret777") as (url, _):
+        started = time.monotonic()
+        proc = run_cli("build", str(recipe), "--out", str(tmp_path / "out"), "--endpoint", url,
+                       env=cli_env(online=True, HF_TOKEN=wrong), timeout=120)
+        elapsed = time.monotonic() - started
+        m = metrics(url)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "401" in lines[-1] and "HF_TOKEN" in lines[-1]
+    assert sum(line.startswith("error") for line in lines) == 1 and "Traceback" not in proc.stderr
+    assert wrong not in proc.stdout + proc.stderr and "hf_serverSideSecret777" not in proc.stdout + proc.stderr
+    assert m["tgi_standin_requests"] == 0 and elapsed < 60
+    assert not any((tmp_path / "out").glob("*/*.parquet"))
+
+
+def test_cli_kill9_and_resume_gives_exact_rows(tiny_llama3, tmp_path):
+    configs = "  single_turn: {rows: 48}\n"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama3, configs)
+    slow = ("--simulate", "--ms-per-token", "15", "--mean-tokens", "14", "--slots", "4")
+    with launched(tiny_llama3, *slow) as (url, _):
+        proc = subprocess.Popen([sys.executable, "-m", "magpie_hub.cli", "build", str(recipe), "--out",
+                                 str(tmp_path / "out"), "--endpoint", url], env=cli_env(online=True),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while metrics(url).get("tgi_standin_success", 0) < 40 and time.monotonic() < deadline:
+                assert proc.poll() is None, "the build ended before it could be killed"
+                time.sleep(0.2)
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        assert not (tmp_path / "out" / "single_turn").exists()
+        before = metrics(url)["tgi_standin_success"]
+        resumed = run_cli("build", str(recipe), "--out", str(tmp_path / "out"), "--endpoint", url,
+                          env=cli_env(online=True))
+        assert resumed.returncode == 0, resumed.stderr
+        resumed_requests = metrics(url)["tgi_standin_success"] - before
+    with launched(tiny_llama3, *SIM) as (url, _):
+        clean = run_cli("build", str(recipe), "--out", str(tmp_path / "clean"), "--endpoint", url,
+                        env=cli_env(online=True))
+        assert clean.returncode == 0, clean.stderr
+        clean_requests = metrics(url)["tgi_standin_success"]
+    rows = load_rows(tmp_path / "out", "single_turn")
+    assert len(rows) == 48 == len({r["uuid"] for r in rows})
+    assert resumed_requests < clean_requests  # the rows checkpointed before the kill were kept
+    assert sorted(rows, key=lambda r: r["uuid"]) == sorted(load_rows(tmp_path / "clean", "single_turn"),
+                                                           key=lambda r: r["uuid"])
+
+
+def test_cli_build_through_the_model_backed_server(tiny_llama3, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama3, "  single_turn: {rows: 4}\n", timeout=60)
+    with launched(tiny_llama3) as (url, _):
+        proc = run_cli("build", str(recipe), "--out", str(tmp_path / "out"), "--endpoint", url,
+                       env=cli_env(online=True))
+        assert proc.returncode == 0, proc.stderr
+        assert metrics(url)["tgi_standin_success"] >= 8
+    rows = load_rows(tmp_path / "out", "single_turn")
+    assert len(rows) == 4 == len({r["uuid"] for r in rows})
