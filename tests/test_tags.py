@@ -50,7 +50,9 @@ def make_dir(root: Path, configs: dict[str, list[dict]], *, model: str | None = 
         folder.mkdir()
         n = max(1, min(shards, len(rows))) if rows else 1
         bounds = [len(rows) * i // n for i in range(n + 1)]
-        for i in range(n):
+        if not rows:
+            pq.write_table(GENERATION_FEATURES.arrow_schema.empty_table(), folder / "train-00000-of-00001.parquet")
+        for i in range(n if rows else 0):
             ds = Dataset.from_list(rows[bounds[i]:bounds[i + 1]], features=GENERATION_FEATURES)
             ds.to_parquet(str(folder / f"train-{i:05d}-of-{n:05d}.parquet"))
     manifest: dict = {"model": {"id": model, "revision": None}} if model else {}
@@ -225,7 +227,7 @@ def test_bad_input_leaves_dir_untouched(tmp_path, qwen_tok):
         tag_dataset(good, ["lenghts"])
     with pytest.raises(ModelError, match="not available offline"):
         tag_dataset(good, ["lengths", {"dedup": {"model": "sentence-transformers/not-a-cached-model"}}])
-    with pytest.raises(ModelError, match="tokenizer"):
+    with pytest.raises(ModelError, match="lengths step: .*does not exist"):
         tag_dataset(good, [{"lengths": {"model": str(tmp_path / "no-such-model")}}])
     with pytest.raises(RecipeError, match="at least two"):
         tag_dataset(good, [{"language": {"languages": ["en"]}}])

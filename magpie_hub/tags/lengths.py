@@ -38,8 +38,8 @@ class LengthsStep(TagStep):
             None if self.options.get("model") else self.context.generator_revision)
         try:
             self.tokenizer = load_tokenizer(resolve_model(self.model), revision=self.revision)
-        except ModelError:
-            raise
+        except ModelError as exc:
+            raise ModelError(f"lengths step: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any loader failure is the user's model choice
             raise ModelError(f"cannot load the tokenizer of {self.model!r} for the lengths step: {exc}",
                              hint="make the generating model available offline or set tags: "
