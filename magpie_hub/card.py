@@ -138,6 +138,7 @@ def _languages(stats: dict, options: dict) -> list[str]:
     counts: dict[str, int] = {}
     for cfg in stats["configs"].values():
         for code, n in (cfg.get("distributions", {}).get("language", {}).get("counts") or {}).items():
+            code = str(code).lower()        # lingua / the official releases write "EN"; the Hub wants "en"
             counts[code] = counts.get(code, 0) + n
     total = sum(counts.values())
     keep = [c for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -234,7 +235,7 @@ def render_card(directory: Path, *, repo: str | None = None, version: str | None
         "total_rows": sum(i["rows"] for i in infos.values()),
         "provenance": card_text.provenance(manifest),
         "filter": card_text.filter_summary(manifest.get("filter")),
-        "assets": assets, "tsne": stats.get("tsne") if fresh else None,
+        "assets": assets, "tsne": tsne if fresh and isinstance(tsne := stats.get("tsne"), dict) and "points" in tsne else None,
         "rendered_at": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
     body = _environment().get_template(TEMPLATE).render(**context)

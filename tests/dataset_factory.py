@@ -16,7 +16,7 @@ WORDS = ("apple banana code python math solve write story explain why how list t
 TASKS = ("Information seeking", "Math", "Coding & Debugging", "Creative writing")
 DIFFICULTY = ("very easy", "easy", "medium", "hard", "very hard", None)
 QUALITY = ("poor", "average", "good", "excellent")
-LANGS = ("en", "en", "en", "fr", "de")
+LANGS = ("EN", "EN", "EN", "FR", "DE")   # as lingua and the official releases write them
 
 
 def _text(rng: random.Random, lo: int, hi: int) -> str:

@@ -93,13 +93,15 @@ def test_tagged_dataset_language_distributions_and_fresh_plots(tmp_path):
 
     stats = compute_stats(d)
     stats["assets"] = {"task_category": "assets/task_category.png", "evil": "assets/x).png"}
+    stats["tsne"] = {"skipped": "embedding model not available offline"}
     (d / "magpie_stats.json").write_text(json.dumps(stats))
     header, body = split_card(render_card(d))
     counts: dict[str, int] = {}
     for c in stats["configs"].values():
         for k, v in c["distributions"]["language"]["counts"].items():
             counts[k] = counts.get(k, 0) + v
-    assert header["language"] == sorted(counts, key=lambda k: -counts[k])
+    assert header["language"] == [k.lower() for k in sorted(counts, key=lambda k: -counts[k])]
+    assert set(header["language"]) == {"en", "fr", "de"}
     assert header["task_categories"] == ["text-generation", "question-answering"]
     assert "| task category | rows | share |" in body and "| input quality | rows | share |" in body
     assert "instruction length (tokens)" in body
