@@ -3,7 +3,7 @@
 Run: ``python tests/hub_server.py --port 0 --data DIR [--token TOKEN]... [--user NAME]``. Once listening
 it writes ``DIR/server.json`` = ``{"pid", "port", "url"}``; stop it by PID (SIGTERM).
 
-Storage under ``DIR``: ``blobs/<sha256>`` (content addressed), ``repos/<type>/<ns>/<name>/repo.json``
+Storage (tests/hub_store.py) under ``DIR``: ``blobs/<sha256>``, ``repos/<type>/<ns>/<name>/repo.json``
 (visibility and refs: branches and tags -> commit id) and ``.../commits/<id>.json`` (immutable snapshots:
 parent, message, date and the full tree ``path -> {sha256, size, lfs}``). The endpoints are exactly those
 in shared/reference/hub-protocol.md; missing repos/revisions/files answer 404 with ``X-Error-Code``.
@@ -18,174 +18,34 @@ every request after the N-th stored LFS upload until the faults are reset (the n
 from __future__ import annotations
 
 import argparse
-import base64
-import fnmatch
 import hashlib
 import json
 import os
 import re
-import secrets
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import urllib.request
-from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
-
-GITATTRIBUTES = "".join(
-    f"{p} filter=lfs diff=lfs merge=lfs -text\n"
-    for p in ("*.parquet", "*.arrow", "*.bin", "*.safetensors", "*.pt", "*.npy", "*.gz", "*.zip",
-              "*.zst", "*.tar", "*.png", "*.jpg", "*.jpeg", "*.webp", "*.mp3", "*.wav")
+from hub_store import (
+    TYPES,
+    Faults,
+    HubFail,
+    Store,
+    _pointer,
+    _write_json,
+    front_matter,
 )
-LFS_THRESHOLD = 10 * 1024 * 1024
-TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
-SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+from hub_writes import WriteHandlers
 
 
-class HubFail(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def _git_oid(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _pointer(sha256: str, size: int) -> bytes:
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
-
-
-def _entry(sha256: str, size: int, lfs: bool, data: bytes | None = None) -> dict:
-    """A tree entry; ``oid`` is the git blob id (of the LFS pointer for LFS files), as on the Hub."""
-    return {"sha256": sha256, "size": size, "lfs": lfs, "oid": _git_oid(_pointer(sha256, size) if lfs else data)}
-
-
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
-def front_matter(text: str):
-    """The README's YAML header as a dict (``{}`` without one); raises yaml.YAMLError when invalid."""
-    m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
-    data = yaml.safe_load(m.group(1)) if m else {}
-    if data is not None and not isinstance(data, dict):
-        raise yaml.YAMLError("metadata must be a YAML mapping")
-    return data or {}
-
-
-class Store:
-    """Repos, immutable commits and content-addressed blobs on disk; one lock serialises writes."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.lock = threading.RLock()
-        (root / "blobs").mkdir(parents=True, exist_ok=True)
-
-    # -- blobs
-    def blob_path(self, sha: str) -> Path:
-        return self.root / "blobs" / sha
-
-    def put_bytes(self, data: bytes) -> str:
-        sha = hashlib.sha256(data).hexdigest()
-        if not self.blob_path(sha).exists():
-            fd, tmp = tempfile.mkstemp(dir=self.root / "blobs", prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.blob_path(sha))
-        return sha
-
-    def read(self, sha: str) -> bytes:
-        return self.blob_path(sha).read_bytes()
-
-    # -- repos
-    def repo_dir(self, rtype: str, repo: str) -> Path:
-        return self.root / "repos" / rtype / repo
-
-    def repo(self, rtype: str, repo: str) -> dict | None:
-        p = self.repo_dir(rtype, repo) / "repo.json"
-        return json.loads(p.read_text()) if p.exists() else None
-
-    def save_repo(self, rtype: str, repo: str, meta: dict) -> None:
-        _write_json(self.repo_dir(rtype, repo) / "repo.json", meta)
-
-    def commit(self, rtype: str, repo: str, sha: str) -> dict | None:
-        p = self.repo_dir(rtype, repo) / "commits" / f"{sha}.json"
-        return json.loads(p.read_text()) if p.exists() else None
-
-    def new_commit(self, rtype, repo, parent, tree, title, message, author) -> str:
-        body = {"parents": [parent] if parent else [], "tree": tree, "title": title, "message": message,
-                "date": _now(), "authors": [author]}
-        sha = hashlib.sha1(json.dumps(body, sort_keys=True).encode() + secrets.token_bytes(8)).hexdigest()
-        _write_json(self.repo_dir(rtype, repo) / "commits" / f"{sha}.json", {"id": sha, **body})
-        return sha
-
-    def resolve(self, rtype: str, repo: str, rev: str) -> str:
-        meta = self.repo(rtype, repo)
-        for prefix, kind in (("refs/heads/", "branches"), ("refs/tags/", "tags")):
-            if rev.startswith(prefix) and rev[len(prefix):] in meta[kind]:
-                return meta[kind][rev[len(prefix):]]
-        if rev in meta["branches"]:
-            return meta["branches"][rev]
-        if rev in meta["tags"]:
-            return meta["tags"][rev]
-        if SHA_RE.match(rev) and self.commit(rtype, repo, rev):
-            return rev
-        raise HubFail(404, f"Invalid rev id: {rev}", "RevisionNotFound")
-
-
-class Faults:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.reset({})
-        self.stats = {"uploads": 0, "injected": 0, "dropped": 0, "requests": []}
-
-    def reset(self, cfg: dict) -> None:
-        self.rules = [dict(r) for r in cfg.get("fail", [])]
-        self.cut_after = cfg.get("cut_after_uploads")
-        self.uploads_since = 0
-
-    def check(self, method: str, path: str):
-        """Return 'drop', a rule dict to fail with, or None."""
-        with self.lock:
-            if self.cut_after is not None and self.uploads_since >= self.cut_after:
-                self.stats["dropped"] += 1
-                return "drop"
-            for rule in self.rules:
-                if rule.get("count", 1) > 0 and rule.get("method", method) == method \
-                        and re.search(rule.get("path", ""), path):
-                    rule["count"] = rule.get("count", 1) - 1
-                    self.stats["injected"] += 1
-                    return rule
-        return None
-
-    def log(self, method: str, path: str, status: int) -> None:
-        with self.lock:
-            self.stats["requests"] = self.stats["requests"][-1999:] + [[method, path, status]]
-
-    def uploaded(self) -> None:
-        with self.lock:
-            self.stats["uploads"] += 1
-            self.uploads_since += 1
-
-
-class Handler(BaseHTTPRequestHandler):
+class Handler(WriteHandlers, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "magpie-test-hub/1.0"
 
@@ -452,150 +312,6 @@ class Handler(BaseHTTPRequestHandler):
                     chunk = fh.read(min(left, 1 << 20))
                     self.wfile.write(chunk)
                     left -= len(chunk)
-
-    # -- writes
-    def create_repo(self, req: dict) -> None:
-        self.authed(True)
-        rtype = req.get("type") or "model"
-        repo = f"{req.get('organization') or self.hub.user}/{req['name']}"
-        url = f"{self.base()}/{'' if rtype == 'model' else rtype + 's/'}{repo}"
-        store = self.hub.store
-        with store.lock:
-            if store.repo(rtype, repo) is not None:
-                return self.send(409, {"error": f"You already created this {rtype} repo", "url": url},
-                                 {"X-Error-Message": f"You already created this {rtype} repo"})
-            private = bool(req.get("private")) or req.get("visibility") == "private"
-            data = GITATTRIBUTES.encode()
-            sha = store.new_commit(rtype, repo, None, {".gitattributes": _entry(store.put_bytes(data), len(data),
-                                                                                False, data)},
-                                   "initial commit", "", self.hub.user)
-            store.save_repo(rtype, repo, {"private": private, "createdAt": _now(),
-                                          "branches": {"main": sha}, "tags": {}})
-        self.send(200, {"url": url, "name": repo, "id": hashlib.md5(repo.encode()).hexdigest()[:24]})
-
-    def validate_yaml(self, req: dict) -> None:
-        try:
-            meta = front_matter(req.get("content", ""))
-            configs = meta.get("configs", [])
-            if not isinstance(configs, list) or not all(
-                    isinstance(c, dict) and isinstance(c.get("config_name"), str) for c in configs):
-                raise yaml.YAMLError('"configs" must be a list of mappings with a "config_name"')
-        except yaml.YAMLError as e:
-            msg = " ".join(str(e).split())
-            return self.send(400, {"errors": [{"message": msg}], "warnings": []}, {"X-Error-Message": msg[:200]})
-        self.send(200, {"errors": [], "warnings": [] if meta else [{"message": "Empty metadata"}]})
-
-    def preupload(self, rtype: str, repo: str, rev: str, req: dict) -> None:
-        store = self.hub.store
-        tree = store.commit(rtype, repo, store.resolve(rtype, repo, rev))["tree"]
-        patterns = []
-        if ".gitattributes" in tree:
-            for line in store.read(tree[".gitattributes"]["sha256"]).decode().splitlines():
-                if "filter=lfs" in line:
-                    patterns.append(line.split()[0])
-        files = []
-        for f in req.get("files", []):
-            path, sample = f["path"], base64.b64decode(f.get("sample", ""))
-            name = path.rsplit("/", 1)[-1]
-            lfs = (f.get("size", 0) >= LFS_THRESHOLD or b"\0" in sample
-                   or any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(path, p) for p in patterns))
-            cur = tree.get(path)
-            oid = None if cur is None else (cur["sha256"] if cur["lfs"] else cur["oid"])
-            files.append({"path": path, "uploadMode": "lfs" if lfs else "regular",
-                          "shouldIgnore": path.startswith(".git/"), **({"oid": oid} if oid else {})})
-        self.send(200, {"files": files})
-
-    def lfs_batch(self, rtype: str, repo: str, meta: dict) -> None:
-        req, out = self.json_body(), []
-        for obj in req.get("objects", []):
-            oid, size = obj["oid"], int(obj["size"])
-            entry = {"oid": oid, "size": size}
-            if not self.hub.store.blob_path(oid).exists():
-                ticket = secrets.token_hex(16)
-                self.hub.tickets[ticket] = (oid, size)
-                href = f"{self.base()}/_lfs/{oid}?ticket={ticket}"
-                entry["actions"] = {"upload": {"href": href},
-                                    "verify": {"href": f"{self.base()}/_lfs/{oid}/verify?ticket={ticket}"}}
-            out.append(entry)
-        self.send(200, {"transfer": "basic", "objects": out, "hash_algo": "sha256"})
-
-    def lfs_object(self, oid: str, q: dict, verify: bool) -> None:
-        ticket = q.get("ticket", [""])[0]
-        if self.hub.tickets.get(ticket, (None,))[0] != oid:
-            self.body()
-            raise HubFail(403, "invalid or expired upload ticket")
-        store = self.hub.store
-        if verify:
-            req = self.json_body()
-            ok = store.blob_path(oid).exists() and store.blob_path(oid).stat().st_size == int(req.get("size", -1))
-            return self.send(200 if ok else 404, {"ok": ok} if ok else {"error": "object not found"})
-        data = self.body()  # stored only if complete and matching its oid
-        if hashlib.sha256(data).hexdigest() != oid or len(data) != self.hub.tickets[ticket][1]:
-            raise HubFail(400, "uploaded content does not match its oid/size")
-        store.put_bytes(data)
-        self.hub.faults.uploaded()
-        self.send(200, {})
-
-    def commit(self, rtype: str, repo: str, branch: str, q: dict) -> None:
-        if q.get("create_pr"):
-            self.body()
-            raise HubFail(400, "pull requests are not supported by this test hub")
-        lines = [json.loads(x) for x in self.body().splitlines() if x.strip()]
-        header = next((x["value"] for x in lines if x["key"] == "header"), None)
-        if header is None or not header.get("summary"):
-            raise HubFail(400, "commit header with a summary is required")
-        store = self.hub.store
-        with store.lock:
-            meta = store.repo(rtype, repo)
-            if branch not in meta["branches"]:
-                raise HubFail(404, f"Invalid rev id: {branch}", "RevisionNotFound")
-            head = meta["branches"][branch]
-            parent = header.get("parentCommit")
-            if parent and not head.startswith(parent):
-                raise HubFail(412, "A commit has happened since. Please refresh and try again.")
-            tree = dict(store.commit(rtype, repo, head)["tree"])
-            for item in lines:
-                key, v = item["key"], item["value"]
-                if key == "file":
-                    data = base64.b64decode(v["content"])
-                    tree[v["path"]] = _entry(store.put_bytes(data), len(data), False, data)
-                elif key == "lfsFile":
-                    if not store.blob_path(v["oid"]).exists():
-                        raise HubFail(422, f"LFS object {v['oid']} for {v['path']} was never uploaded")
-                    tree[v["path"]] = _entry(v["oid"], store.blob_path(v["oid"]).stat().st_size, True)
-                elif key == "deletedFile":
-                    if tree.pop(v["path"], None) is None:
-                        raise HubFail(404, "A file with this name doesn't exist", "EntryNotFound")
-                elif key == "deletedFolder":
-                    prefix = v["path"].rstrip("/") + "/"
-                    tree = {p: f for p, f in tree.items() if not p.startswith(prefix)}
-            sha = store.new_commit(rtype, repo, head, tree, header["summary"], header.get("description", ""),
-                                   self.hub.user)
-            meta["branches"][branch] = sha
-            store.save_repo(rtype, repo, meta)
-        prefix = "" if rtype == "model" else f"{rtype}s/"
-        self.send(200, {"success": True, "commitOid": sha,
-                        "commitUrl": f"{self.base()}/{prefix}{repo}/commit/{sha}"})
-
-    def ref(self, rtype: str, repo: str, kind: str, name: str) -> None:
-        store, req = self.hub.store, self.json_body()
-        key = "tags" if kind == "tag" else "branches"
-        with store.lock:
-            meta = store.repo(rtype, repo)
-            if self.command == "DELETE":
-                if name not in meta[key]:
-                    raise HubFail(404, f"{kind} {name} not found", "RevisionNotFound")
-                if key == "branches" and name == "main":
-                    raise HubFail(403, "the main branch cannot be deleted")
-                del meta[key][name]
-            else:
-                new = req.get("tag") if kind == "tag" else name
-                target = store.resolve(rtype, repo, name if kind == "tag" else req.get("startingPoint") or "main")
-                if new in meta[key]:
-                    raise HubFail(409, f"{kind} {new} already exists")
-                meta[key][new] = target
-            store.save_repo(rtype, repo, meta)
-        self.send(200, {})
 
 
 class HubServer(ThreadingHTTPServer):
