@@ -1,0 +1,174 @@
+"""The local transformers backend on the tiny models: batching, per-row stop, BOS, per-row determinism."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from magpie_hub.backends import get_backend
+from magpie_hub.backends.base import GenerationRequest, SamplingParams
+from magpie_hub.backends.transformers_backend import TransformersBackend
+from magpie_hub.errors import BackendError, ModelError
+from magpie_hub.generate import CleanupOptions, ConversationEngine, ConversationSpec
+
+MIXES = [(1.0, 1.0), (1.1, 0.995), (1.25, 0.99), (0.0, 1.0)]   # sampled (plain, nucleus) and greedy rows
+
+
+@pytest.fixture(scope="module")
+def llama_backend(tiny_llama3):
+    backend = TransformersBackend(str(tiny_llama3), batch_size=8, max_wait_ms=5)
+    backend._load()
+    return backend
+
+
+def requests_for(backend, n: int, *, max_new: int = 48, stop=None) -> list[GenerationRequest]:
+    fmt = backend.chat_format
+    out = []
+    for i in range(n):
+        temp, top_p = MIXES[i % len(MIXES)]
+        role = "user" if i % 2 == 0 else "assistant"
+        prompt = fmt.user_prompt([]) if role == "user" else fmt.assistant_prompt([], f"question number {i}?")
+        out.append(GenerationRequest(prompt=prompt, params=SamplingParams(temp, top_p, max_new, seed=1000 + i),
+                                     stop=stop or (fmt.user_stop if role == "user" else fmt.assistant_stop),
+                                     role=role))
+    return out
+
+
+async def _gather(backend, reqs):
+    async with backend:
+        return await asyncio.gather(*(backend.generate(r) for r in reqs))
+
+
+def test_rows_do_not_depend_on_the_batch_they_land_in(llama_backend):
+    reqs = requests_for(llama_backend, 12)
+    alone = [llama_backend._run_batch([r])[0] for r in reqs]
+    together = llama_backend._run_batch(reqs)
+    reversed_batch = llama_backend._run_batch(reqs[::-1])[::-1]
+    assert alone == together == reversed_batch
+    assert len({r.text for r in alone}) > 6                   # different seeds/prompts -> different texts
+    again = llama_backend._run_batch([GenerationRequest(r.prompt, SamplingParams(r.params.temperature, r.params.top_p,
+                                      r.params.max_new_tokens, seed=r.params.seed + 1), r.stop, r.role)
+                                      for r in reqs if r.params.temperature > 0])
+    assert [a.text for a in again] != [a.text for a, r in zip(alone, reqs, strict=True) if r.params.temperature > 0]
+
+
+def test_per_sequence_stop_and_budgets_in_one_batch(llama_backend):
+    fmt = llama_backend.chat_format
+    prompt = fmt.user_prompt([])
+    eot = llama_backend.tokenizer.convert_tokens_to_ids(fmt.user_stop[0])
+    reqs = [GenerationRequest(prompt, SamplingParams(1.0, 1.0, 64, seed=i), fmt.user_stop, "user") for i in range(8)]
+    reqs.append(GenerationRequest(prompt, SamplingParams(1.0, 1.0, 3, seed=99), fmt.user_stop, "user"))
+    reqs.append(GenerationRequest(prompt, SamplingParams(1.0, 1.0, 64, seed=5), (*fmt.user_stop, "e"), "user"))
+    calls = []
+    original = llama_backend.model.generate
+
+    def spy(**kwargs):
+        out = original(**kwargs)
+        calls.append((kwargs["input_ids"].clone(), out.clone()))
+        return out
+
+    llama_backend.model.generate = spy
+    try:
+        results = llama_backend._run_batch(reqs)
+    finally:
+        llama_backend.model.generate = original
+    assert len(calls) == 1                                            # one batched generate call
+    stopped = [r for r in results[:8] if r.finish_reason == "stop"]
+    assert len(stopped) >= 4 and len({r.generated_tokens for r in stopped}) > 1   # rows end at their own turn end
+    _, out = calls[0]
+    prompt_len = calls[0][0].shape[1]
+    for row, result in enumerate(results[:8]):
+        tokens = out[row, prompt_len:].tolist()
+        if result.finish_reason == "stop":
+            assert tokens[result.generated_tokens - 1] in llama_backend.stop_ids
+            assert eot not in tokens[:result.generated_tokens - 1]
+            pad = llama_backend.tokenizer.pad_token_id
+            assert all(t == pad for t in tokens[result.generated_tokens:])       # finished rows padded
+        else:
+            assert result.generated_tokens == 64
+        assert "<|eot_id|>" not in result.text
+    assert results[8].generated_tokens <= 3
+    assert results[8].finish_reason == "stop" or results[8].generated_tokens == 3          # its own budget
+    assert results[9].finish_reason == "stop" and "e" not in results[9].text      # a row's own stop string
+    assert results[9].text == results[5].text.split("e")[0]                      # same seed: same tokens until "e"
+
+
+def test_no_doubled_bos_in_input_ids(llama_backend):
+    tok = llama_backend.tokenizer
+    fmt = llama_backend.chat_format
+    assert fmt.bos_in_template and tok.bos_token == "<|begin_of_text|>"
+    for prompt in (fmt.user_prompt([]), fmt.assistant_prompt([("hi", "hello")], "and then?"),
+                   fmt.user_prompt([("hi", "hello")], system="Be brief.")):
+        ids = llama_backend._encode(prompt)
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+        assert ids == tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_engine_end_to_end_batched_and_deterministic(tiny_llama3):
+    def specs():
+        for i in range(16):
+            temp, top_p = MIXES[i % 3]
+            yield ConversationSpec(
+                config="multi_turn", index=i, uuid=f"uuid-{i}", turns=2, category=None,
+                system_prompt="You are an AI assistant for math." if i % 4 == 0 else None,
+                instruction_params=SamplingParams(temp, top_p, 96, seed=3),
+                response_params=SamplingParams(1.0, 1.0, 96, seed=4))
+
+    async def run(batch_size: int, concurrency: int):
+        backend = TransformersBackend(str(tiny_llama3), batch_size=batch_size, max_wait_ms=5)
+        async with backend:
+            engine = ConversationEngine(backend, backend.chat_format, cleanup=CleanupOptions(),
+                                        multi_turn_system_prompt="You are a helpful assistant.",
+                                        concurrency=concurrency, max_attempts=20)
+            convs = {c.spec.uuid: c async for c in engine.run(specs())}
+        return convs, backend, engine
+
+    batched, backend, engine = asyncio.run(run(batch_size=8, concurrency=16))
+    assert len(batched) == 16 and not engine.exhausted
+    assert backend.max_batch_seen == 8 and backend.batch_rows / backend.batches > 2
+    assert all(len(c.turns) == 2 and all(u and a for u, a in c.turns) for c in batched.values())
+    assert sum(engine.dropped.values()) == sum(c.attempts - 1 for c in batched.values())
+    small, _, _ = asyncio.run(run(batch_size=3, concurrency=5))
+    assert {k: (c.turns, c.attempts) for k, c in small.items()} == {k: (c.turns, c.attempts)
+                                                                    for k, c in batched.items()}
+
+
+def test_qwen_prompts_get_no_bos_and_stop_at_im_end(tiny_qwen):
+    backend = TransformersBackend(str(tiny_qwen), batch_size=4, max_wait_ms=5)
+    fmt_reqs = None
+
+    async def main():
+        nonlocal fmt_reqs
+        async with backend:
+            fmt = backend.chat_format
+            fmt_reqs = [GenerationRequest(fmt.user_prompt([]), SamplingParams(1.0, 1.0, 32, seed=s),
+                                          fmt.user_stop, "user") for s in range(4)]
+            return await asyncio.gather(*(backend.generate(r) for r in fmt_reqs))
+
+    results = asyncio.run(main())
+    fmt = backend.chat_format
+    assert fmt.user_stop[0] == "<|im_end|>" and not fmt.bos_in_template
+    ids = backend._encode(fmt_reqs[0].prompt)
+    assert ids == backend.tokenizer(fmt_reqs[0].prompt, add_special_tokens=False)["input_ids"]
+    assert any(r.finish_reason == "stop" for r in results)
+    assert all("<|im_end|>" not in r.text and "<|im_start|>" not in r.text for r in results)
+    assert backend.info().extra["dtype"] == "float32" and backend.info().model_id == str(tiny_qwen)
+
+
+def test_bad_options_and_missing_model(tmp_path):
+    with pytest.raises(BackendError, match="unknown transformers backend option"):
+        get_backend("transformers", "tiny:llama3", bogus=1)
+    with pytest.raises(BackendError, match="batch_size"):
+        TransformersBackend("tiny:llama3", batch_size=0)
+    with pytest.raises(BackendError, match="dtype"):
+        TransformersBackend("tiny:llama3", dtype="int3")
+    backend = TransformersBackend(str(tmp_path / "no-such-model"))
+    with pytest.raises(ModelError):
+        asyncio.run(backend.start())
+
+    async def not_started():
+        return await backend.generate(GenerationRequest("x", SamplingParams()))
+
+    with pytest.raises(BackendError, match="not started"):
+        asyncio.run(not_started())
