@@ -64,6 +64,14 @@ class Dist:
         if self.state is not None:
             self.state.wait_for_everyone()
 
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (so all ranks take the same decisions)."""
+        if self.state is None:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj], from_process=0)[0]
+
 
 def check_out_dir(out: Path) -> None:
     """Refuse an output path that is a file, a foreign non-empty folder, or not writable (writes nothing)."""
@@ -223,7 +231,7 @@ def run_build(recipe: str | Path, *, out: str | Path | None = None, configs: lis
             # Everything is validated and the backend is up: only now touch the output dir.
             if dist.main:
                 _prepare(rec, out, names, status, fresh)
-            dist.barrier()
+            status.update(dist.broadcast(status))
             with BuildProgress(console, enabled=dist.main, world=dist.world) as progress:
                 for name in names:
                     if status[name] == "done":
