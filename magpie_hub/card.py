@@ -14,7 +14,6 @@ import json
 import os
 import re
 import tempfile
-from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
@@ -94,6 +93,11 @@ def _load_stats(directory: Path, infos: dict[str, dict]) -> tuple[dict, bool]:
         except (OSError, ValueError, AttributeError):
             pass
     return compute_stats(directory), False
+
+
+def _drawn_map(stats: dict) -> dict | None:
+    tsne = stats.get("tsne")
+    return tsne if isinstance(tsne, dict) and "points" in tsne else None
 
 
 def _example(directory: Path, name: str, limit: int = 400) -> dict | None:
@@ -235,8 +239,7 @@ def render_card(directory: Path, *, repo: str | None = None, version: str | None
         "total_rows": sum(i["rows"] for i in infos.values()),
         "provenance": card_text.provenance(manifest),
         "filter": card_text.filter_summary(manifest.get("filter")),
-        "assets": assets, "tsne": tsne if fresh and isinstance(tsne := stats.get("tsne"), dict) and "points" in tsne else None,
-        "rendered_at": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "assets": assets, "tsne": _drawn_map(stats) if fresh else None,
     }
     body = _environment().get_template(TEMPLATE).render(**context)
     text = f"---\n{header.to_yaml()}\n---\n\n{body.lstrip()}"

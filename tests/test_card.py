@@ -83,6 +83,8 @@ def test_header_configs_dataset_info_and_load(tmp_path):
     assert "| datasets | 5.2.0 |" in body and "| device-hours | 0.0250 |" in body
     assert card_text.raw_html(body) is None
     table_blocks_consistent(body)
+    first = path.read_bytes()
+    assert render_card(d).read_bytes() == first        # deterministic: same dir -> same bytes (publish no-op)
 
 
 def test_tagged_dataset_language_distributions_and_fresh_plots(tmp_path):
