@@ -131,14 +131,22 @@ def _card_options(manifest: dict) -> dict:
     return options if isinstance(options, dict) else {}
 
 
+def _override_list(options: dict, key: str, pattern: re.Pattern, what: str) -> list[str] | None:
+    """The recipe's ``card.<key>`` (a string or a list) checked against ``pattern``; None when unset."""
+    given = options.get(key)
+    if not given:
+        return None
+    values = [given] if isinstance(given, str) else list(given)
+    bad = [x for x in values if not isinstance(x, str) or not pattern.match(x)]
+    if bad:
+        raise RecipeError(f"card.{key} {bad[0]!r} is not {what}")
+    return values
+
+
 def _languages(stats: dict, options: dict) -> list[str]:
-    given = options.get("language")
+    given = _override_list(options, "language", _LANG_RE, "an ISO 639 code; use e.g. en or [en, fr]")
     if given:
-        langs = [given] if isinstance(given, str) else list(given)
-        bad = [x for x in langs if not isinstance(x, str) or not _LANG_RE.match(x)]
-        if bad:
-            raise RecipeError(f"card.language {bad[0]!r} is not an ISO 639 code; use e.g. en or [en, fr]")
-        return langs
+        return given
     counts: dict[str, int] = {}
     for cfg in stats["configs"].values():
         for code, n in (cfg.get("distributions", {}).get("language", {}).get("counts") or {}).items():
@@ -151,12 +159,8 @@ def _languages(stats: dict, options: dict) -> list[str]:
 
 
 def _task_categories(stats: dict, options: dict) -> list[str]:
-    given = options.get("task_categories")
+    given = _override_list(options, "task_categories", _TASK_RE, "a Hub task id; use e.g. text-generation")
     if given:
-        given = [given] if isinstance(given, str) else list(given)
-        bad = [x for x in given if not isinstance(x, str) or not _TASK_RE.match(x)]
-        if bad:
-            raise RecipeError(f"card.task_categories {bad[0]!r} is not a Hub task id; use e.g. text-generation")
         return given
     tasks = ["text-generation"]
     labels: set[str] = set()

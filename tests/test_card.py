@@ -225,6 +225,10 @@ def test_license_in_card_and_recipe_override(tmp_path):
         render_card(d)
     proc = run_cli("card", str(d))
     assert proc.returncode == 2 and proc.stderr.startswith("error: card.license")
+    for card, match in (({"language": ["en", "english!"]}, "ISO 639"), ({"task_categories": "Text Gen"}, "Hub task id")):
+        d = make_dataset(tmp_path / "bad2", sizes=sizes, manifest=demo_manifest(sizes, card=card))
+        with pytest.raises(RecipeError, match=match):
+            render_card(d)
 
 
 def test_size_categories_and_escaping_helpers():
