@@ -106,7 +106,8 @@ def _config_stats(name: str, shards: list[Path]) -> tuple[dict, dict[str, np.nda
     joined = {w: np.concatenate(v) if v else np.zeros(0) for w, v in lengths.items()}
     stats: dict = {"rows": rows, "shards": len(shards), "columns": sorted(columns)}
     for which, (col, unit) in sources.items():
-        stats[f"{which}_length"] = {"unit": unit, "column": col, **(_summary(joined[which]) or {})} if col else None
+        summary = _summary(joined[which]) if col else None      # None too for an empty config
+        stats[f"{which}_length"] = {"unit": unit, "column": col, **summary} if summary else None
     for col, parts in numbers.items():
         stats[col] = _summary(np.concatenate(parts)) if parts else None
     stats["distributions"] = {}

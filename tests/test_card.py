@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import run_cli
-from dataset_factory import demo_manifest, make_dataset
+from dataset_factory import demo_manifest, make_dataset, make_rows, write_config
 from datasets import Features, load_dataset
 from huggingface_hub import DatasetCard
 from markdown_it import MarkdownIt
@@ -150,6 +150,21 @@ def test_injection_in_rows_labels_and_recipe_changes_nothing(tmp_path):
     assert re.findall(r"<h3>(.*?)</h3>", rendered) == ["multi_turn", "single_turn"]
     # the code blocks stayed closed: the citation is still a bibtex code block
     assert '<code class="language-bibtex">@article{xu2024magpie' in rendered
+
+
+def test_empty_config_renders(tmp_path):
+    d = make_dataset(tmp_path / "ds", sizes={"single_turn": 6})
+    write_config(d, "math", make_rows("math", 1), shards=1)
+    table = pq.read_table(d / "math" / "train-00000-of-00001.parquet")
+    pq.write_table(table.slice(0, 0), d / "math" / "train-00000-of-00001.parquet")
+    header, body = split_card(render_card(d))
+    infos = {i["config_name"]: i for i in header["dataset_info"]}
+    assert infos["math"]["splits"][0]["num_examples"] == 0 and "| math | 0 | 1 |" in body
+    from magpie_hub.analysis import analyze
+
+    stats = analyze(d, tsne=False)
+    assert stats["configs"]["math"]["rows"] == 0 and stats["configs"]["math"]["instruction_length"] is None
+    assert split_card(render_card(d))[1].count("assets/instruction_length.png") == 1
 
 
 def test_render_is_atomic_and_cli_errors(tmp_path, monkeypatch):
