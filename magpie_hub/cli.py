@@ -92,11 +92,15 @@ def filter_(
 
 
 @app.command()
-def card(directory: Annotated[Path, typer.Argument(help="Dataset directory")]) -> None:
+def card(
+    directory: Annotated[Path, typer.Argument(help="Dataset directory")],
+    repo: Annotated[str | None, typer.Option(help="ORG/NAME for the pinned load_dataset snippet")] = None,
+    version: Annotated[str | None, typer.Option(help="vX.Y.Z for the pinned load_dataset snippet")] = None,
+) -> None:
     """Render DIR/README.md (dataset card) from the templates in cards/ and validate its YAML."""
     from magpie_hub.card import render_card
 
-    path = render_card(directory)
+    path = render_card(directory, repo=repo, version=version)
     typer.echo(f"wrote {path}")
 
 

@@ -179,9 +179,12 @@ def test_render_is_atomic_and_cli_errors(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     proc = run_cli("card", str(tmp_path / "empty"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "run magpie-hub build" in proc.stderr
-    proc = run_cli("card", str(d))
+    proc = run_cli("card", str(d), "--repo", "acme/demo", "--version", "v2.0.0")
     assert proc.returncode == 0, proc.stderr
     assert DatasetCard.load(d / "README.md").data["configs"][0]["config_name"] == "single_turn"
+    assert 'revision="v2.0.0"' in (d / "README.md").read_text()
+    proc = run_cli("card", str(d), "--version", "2.0")
+    assert proc.returncode == 2 and proc.stderr == "error: version '2.0' is not vX.Y.Z\n"
 
 
 def test_pinned_version_and_bad_arguments(tmp_path):
