@@ -105,7 +105,8 @@ def _attr(obj: Any, name: str) -> Any:
         return None
 
 
-def _status(exc: BaseException) -> int | None:
+def status_of(exc: BaseException) -> int | None:
+    """The HTTP status of a huggingface_hub/httpx error, None when it has no response."""
     return _attr(_attr(exc, "response"), "status_code")
 
 
@@ -114,7 +115,7 @@ def is_transient(exc: BaseException) -> tuple[bool, float | None]:
     for e in _chain(exc):
         if type(e).__name__ == "OfflineModeIsEnabled" or _XET_ENDPOINT in str(e):
             return False, None
-        status = _status(e)
+        status = status_of(e)
         if status is not None:
             headers = _attr(_attr(e, "response"), "headers") or {}
             return status in RETRYABLE_STATUS, parse_retry_after(headers.get("Retry-After"))
@@ -125,7 +126,7 @@ def is_transient(exc: BaseException) -> tuple[bool, float | None]:
 
 def _describe(exc: BaseException) -> str:
     for e in _chain(exc):
-        status = _status(e)
+        status = status_of(e)
         if status is not None:
             msg = _attr(e, "server_message") or _attr(_attr(e, "response"), "reason_phrase") or ""
             return " ".join(f"HTTP {status}{': ' + msg if msg else ''}".split())
@@ -137,7 +138,7 @@ def translate(exc: BaseException, what: str, repo: str) -> HubError:
     for e in _chain(exc):
         name = type(e).__name__
         url = str(_attr(_attr(e, "request"), "url") or "")
-        status = _status(e)
+        status = status_of(e)
         if name == "OfflineModeIsEnabled":
             return HubError(f"{what}: HF_HUB_OFFLINE=1 is set; unset it to reach the Hub")
         if _XET_ENDPOINT in url or _XET_ENDPOINT in str(e):

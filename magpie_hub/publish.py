@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from magpie_hub.errors import DatasetDirError, HubError
-from magpie_hub.hub_auth import ConcurrentPushError, call, hub_api, resolve_token
+from magpie_hub.hub_auth import call, hub_api, resolve_token, status_of
 
 # The layout names of magpie_hub.schema (README, MANIFEST, SPLIT), repeated here so that publish/versions
 # start without importing ``datasets`` (schema does); tests/test_versions.py checks they agree.
@@ -209,23 +209,26 @@ def pin_card(directory: Path, repo: str, version: str) -> bool:
 
 def _commit(api, repo: str, branch: str, head: str, plan: Plan, message: str, description: str,
             local: list[LocalFile]) -> str:
-    """ONE create_commit on top of ``head``; a response lost after the Hub applied it is recognised."""
+    """ONE create_commit on top of ``head``. Before a retry, a commit that landed although its answer was
+    lost is recognised (the branch moved to exactly this content) instead of being sent again."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
+    tries = 0
+
     def attempt() -> str:
+        nonlocal tries
+        tries += 1
+        if tries > 1:
+            now = _refs(api, repo)[0].get(branch)
+            if now and now != head and make_plan(local, remote_files(api, repo, now)).identical:
+                return now
         ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(f.local)) for f in plan.upload]
         ops += [CommitOperationDelete(path_in_repo=r.path) for r in plan.delete]
         info = api.create_commit(repo, ops, commit_message=message, commit_description=description,
                                  repo_type=REPO_TYPE, revision=branch, parent_commit=head)
         return info.oid
 
-    try:
-        return call(f"committing to {repo}@{branch}", repo, attempt)
-    except ConcurrentPushError:
-        now = _refs(api, repo)[0].get(branch)
-        if now and now != head and make_plan(local, remote_files(api, repo, now)).identical:
-            return now  # our commit landed but its answer was lost; the head holds exactly this content
-        raise
+    return call(f"committing to {repo}@{branch}", repo, attempt)
 
 
 def _tag(api, repo: str, version: str, commit: str) -> None:
@@ -233,7 +236,7 @@ def _tag(api, repo: str, version: str, commit: str) -> None:
         try:
             api.create_tag(repo, tag=version, revision=commit, repo_type=REPO_TYPE, tag_message=f"{repo} {version}")
         except Exception as exc:
-            if getattr(getattr(exc, "response", None), "status_code", None) != 409:
+            if status_of(exc) != 409:
                 raise
             target = _refs(api, repo)[1].get(version)  # e.g. a retried request whose first answer was lost
             if target != commit:

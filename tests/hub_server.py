@@ -10,7 +10,8 @@ in shared/reference/hub-protocol.md; missing repos/revisions/files answer 404 wi
 Xet is never offered (no ``xet-write-token`` endpoint, no ``X-Xet-Hash``): uploads go through LFS "basic".
 
 Test-only endpoints (not Hub protocol): ``POST /_test/faults`` sets fault injection
-``{"fail": [{"method", "path" (regex), "status", "count", "retry_after"}], "cut_after_uploads": N}`` and
+``{"fail": [{"method", "path" (regex), "status" | "lose_response": true, "count", "retry_after"}],
+"cut_after_uploads": N}`` (``lose_response`` applies the request, then drops the connection unanswered) and
 ``GET /_test/stats`` returns counters and the request log. ``cut_after_uploads: N`` drops the connection of
 every request after the N-th stored LFS upload until the faults are reset (the network "goes down").
 """
@@ -78,6 +79,10 @@ class Handler(WriteHandlers, BaseHTTPRequestHandler):
         return json.loads(raw) if raw else {}
 
     def send(self, status: int, payload=None, headers: dict | None = None, raw: bytes | None = None) -> None:
+        if getattr(self, "lose_response", False):
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         data = raw if raw is not None else (b"" if payload is None else json.dumps(payload).encode())
         self.send_response(status)
         self.send_header("Content-Type", "application/json" if raw is None else "application/octet-stream")
@@ -110,7 +115,9 @@ class Handler(WriteHandlers, BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
-        if action:
+        if action and action.get("lose_response"):  # apply the request, then drop its answer
+            self.lose_response = True
+        elif action:
             self.body()
             extra = {"Retry-After": action["retry_after"]} if "retry_after" in action else {}
             return self.send(action["status"], {"error": "injected fault"}, {"X-Error-Message": "injected", **extra})

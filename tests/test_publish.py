@@ -236,6 +236,25 @@ def test_transient_errors_are_retried_with_backoff(hub, tmp_path):
     assert st["tags"]["v1.0.0"] == st["branches"]["main"] and len(st["commits"]) == 2
 
 
+def test_commit_applied_but_answer_lost_is_not_sent_twice(hub, tmp_path):
+    repo, d = "org/lost", tmp_path / "ds"
+    write_dataset(d, "a", {"single_turn": 2, "gone": 2})
+    assert publish(hub, d, repo, "v1.0.0").returncode == 0
+    before = state(hub, repo)
+    write_dataset(d, "b", {"single_turn": 3})  # the retry would otherwise delete gone/ a second time
+    hub.faults(fail=[{"method": "POST", "path": r"/org/lost/commit/", "lose_response": True, "count": 1}])
+    try:
+        proc = publish(hub, d, repo, "v1.1.0", fast=True)
+    finally:
+        hub.faults()
+    assert proc.returncode == 0, proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("warning:")]) == 1
+    after = state(hub, repo)
+    assert len(after["commits"]) == len(before["commits"]) + 1  # one commit, recognised on retry
+    assert after["tags"]["v1.1.0"] == after["branches"]["main"]
+    assert not any(f.startswith("gone/") for f in files_at(hub, repo, "v1.1.0"))
+
+
 def test_bad_token_one_line_no_retry_no_leak(hub, tmp_path):
     d = tmp_path / "ds"
     write_dataset(d, "a", {"single_turn": 2})
