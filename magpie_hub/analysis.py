@@ -239,7 +239,21 @@ def _sample_instructions(shards: dict[str, list[Path]], stats: dict, max_points:
     return texts, hues
 
 
+def _check_offline_model(model: str) -> None:
+    """Offline, a Hub id must already be cached: fail in milliseconds, before importing the ML stack."""
+    from huggingface_hub import constants, snapshot_download
+
+    if not constants.HF_HUB_OFFLINE or Path(model).expanduser().is_dir():
+        return
+    try:
+        snapshot_download(model if "/" in model else f"sentence-transformers/{model}", local_files_only=True)
+    except Exception:  # not cached (LocalEntryNotFoundError), or not a valid repo id
+        raise ModelError(f"cannot load the embedding model {model!r} for the t-SNE map (not cached and "
+                         f"HF_HUB_OFFLINE is set); pass a local sentence-transformers directory") from None
+
+
 def _embed(texts: list[str], model: str):
+    _check_offline_model(model)
     try:
         from sentence_transformers import SentenceTransformer
 
