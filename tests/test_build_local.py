@@ -1,0 +1,73 @@
+"""The build on the real local transformers backend (tiny random-weight models), and the tag hook."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pyarrow.parquet as pq
+import yaml
+from conftest import ROOT
+
+from magpie_hub.build import run_build
+from magpie_hub.recipe import load_recipe
+from magpie_hub.schema import MANIFEST
+
+
+def test_demo_recipe_subset_on_tiny_llama3(tmp_path):
+    """The README's demo recipe, 3 rows of single_turn and multi_turn (3 turns), real batched backend."""
+    demo = ROOT / "builders" / "demo.yaml"
+    out = tmp_path / "demo"
+    manifest = run_build(demo, out=out, configs=["single_turn", "multi_turn"], rows=3)
+    recipe = load_recipe(demo, {"rows": 3})
+    for name, turns in (("single_turn", 1), ("multi_turn", 3)):
+        ds = datasets.load_dataset(str(out), name, split="train")
+        assert ds["uuid"] == [recipe.plan(name).uuid(i) for i in range(3)]
+        assert all(r["turns"] == turns and len(r["conversations"]) == 2 * turns for r in ds)
+        for row in ds:
+            for msg in row["messages"]:
+                assert msg["content"] and msg["content"] == msg["content"].strip()
+                assert "<|eot_id|>" not in msg["content"] and "<|start_header_id|>" not in msg["content"]
+        pre = ds[0]["gen_input_configs"]["pre_query_template"]
+        assert pre == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    assert manifest["model"]["id"] == "tiny:llama3" and manifest["backend"]["name"] == "transformers"
+    assert manifest["configs"]["multi_turn"]["generated_tokens"] > 0
+
+
+def test_qwen_format_category_and_default_configs(tmp_path, tiny_qwen):
+    """Qwen2.5's template (default system prompt injected): category pre-query replaces it, the plain
+    config keeps it. Dummy backend: this checks the build's wiring, not the tiny model's text."""
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(tiny_qwen), "backend": "dummy", "seed": 1,
+        "configs": {"code": {"rows": 2, "category": "code"}, "single_turn": {"rows": 2}},
+    }))
+    out = tmp_path / "q"
+    run_build(recipe, out=out)
+    rows = pq.read_table(out / "code").to_pylist()
+    assert len(rows) == 2 and all(r["category"] == "code" for r in rows)
+    pre = rows[0]["gen_input_configs"]["pre_query_template"]
+    assert pre.startswith("<|im_start|>system\nYou are an AI assistant designed to provide helpful, step-by-step "
+                          "guidance on coding problems.") and pre.endswith("<|im_end|>\n<|im_start|>user\n")
+    plain = pq.read_table(out / "single_turn").to_pylist()[0]["gen_input_configs"]["pre_query_template"]
+    assert plain == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+                     "<|im_end|>\n<|im_start|>user\n")
+
+
+def test_recipe_tags_run_after_generation(tmp_path, monkeypatch):
+    import magpie_hub.tags.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "tag_dataset", lambda directory, steps=None, **kw: calls.append(directory))
+    recipe = tmp_path / "t.yaml"
+    recipe.write_text(yaml.safe_dump({"model": "tiny:llama3", "backend": "dummy", "tags": ["lengths"],
+                                      "configs": {"single_turn": {"rows": 2}}}))
+    out = tmp_path / "t"
+    run_build(recipe, out=out)
+    assert calls == [out]
+    assert json.loads((out / MANIFEST).read_text())["recipe"]["tags"] == ["lengths"]   # read by the runner
+    calls.clear()
+    recipe.write_text(yaml.safe_dump({"model": "tiny:llama3", "backend": "dummy",
+                                      "configs": {"single_turn": {"rows": 2}}}))
+    run_build(recipe, out=tmp_path / "t2")
+    assert calls == []
