@@ -118,7 +118,7 @@ def build_manifest_update(out: Path, recipe: Recipe, recipe_path: Path, fmt, inf
         m.setdefault("created_at", now)
         m["updated_at"] = now
         m["magpie_hub"] = library_versions()["magpie-hub"]
-        m["recipe"] = recipe.model_dump(mode="json")
+        m["recipe"] = {**recipe.model_dump(mode="json"), "backend_options": _safe_options(recipe.backend_options)}
         m["recipe_path"] = str(recipe_path)
         m["recipe_sha256"] = recipe_sha256(recipe)
         m["model"] = {"id": recipe.model, "revision": recipe.revision,

@@ -60,11 +60,15 @@ def test_recipe_tags_run_after_generation(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(runner, "tag_dataset", lambda directory, steps=None, **kw: calls.append(directory))
     recipe = tmp_path / "t.yaml"
+    secret = "hf_" + "Zq7" * 8
     recipe.write_text(yaml.safe_dump({"model": "tiny:llama3", "backend": "dummy", "tags": ["lengths"],
+                                      "backend_options": {"token": secret, "api_key": "k-123456"},
                                       "configs": {"single_turn": {"rows": 2}}}))
     out = tmp_path / "t"
     run_build(recipe, out=out)
     assert calls == [out]
+    text = (out / MANIFEST).read_text()
+    assert secret not in text and "k-123456" not in text           # secrets never reach the manifest
     assert json.loads((out / MANIFEST).read_text())["recipe"]["tags"] == ["lengths"]   # read by the runner
     calls.clear()
     recipe.write_text(yaml.safe_dump({"model": "tiny:llama3", "backend": "dummy",
