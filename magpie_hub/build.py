@@ -193,7 +193,7 @@ def _merge(recipe: Recipe, out: Path, name: str) -> dict[str, Any]:
         raise BuildIncompleteError(
             f"config {name!r}: {missing} of {plan.rows} rows failed {recipe.max_attempts} attempts "
             f"(dropped so far: {dict(dropped) or 'none'})",
-            hint="re-run the same command to retry them, or raise max_new_tokens / max_attempts in the recipe")
+            hint="raise max_attempts in the recipe and re-run the same command: it resumes, finished rows are kept")
     locations = [scan.locations[i] for i in range(plan.rows)]
     shards = shard_count(plan.rows, sum(length for _, _, length in locations))
     paths = write_config_shards(out, name, read_rows(locations), plan.rows, shards=shards)

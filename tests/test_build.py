@@ -266,3 +266,21 @@ def test_shards_and_torn_checkpoint_lines(tmp_path):
     assert sorted(scan.locations) == [0, 1, 2] and scan.duplicates == 1
     assert ckpt.scan(10, lambda i: f"other{i}").stale == 4
     assert ckpt.stats()[0]["rows"] == 4
+
+
+def test_exhausted_rows_fail_clearly_then_resume_with_more_attempts(tmp_path, capsys):
+    faulty = {"truncate_rate": 0.5}
+    configs = {"single_turn": {"rows": 10}}
+    recipe_path = write_recipe(tmp_path / "r.yaml", configs=configs, backend_options=faulty, max_attempts=1)
+    out = tmp_path / "ds"
+    code, err = cli(capsys, "build", str(recipe_path), "--out", str(out))
+    assert code == 2 and "rows failed 1 attempts" in err and "max_attempts" in err
+    assert not (out / "single_turn").exists()
+    kept = Checkpoint(out, "single_turn").scan(10, load_recipe(recipe_path).plan("single_turn").uuid)
+    assert 0 < len(kept.locations) < 10
+    write_recipe(recipe_path, configs=configs, backend_options=faulty, max_attempts=40)
+    assert cli(capsys, "build", str(recipe_path), "--out", str(out))[0] == 0
+    rows = rows_of(out, "single_turn")
+    assert len(rows) == 10 and len({r["uuid"] for r in rows}) == 10
+    entry = json.loads((out / MANIFEST).read_text())["configs"]["single_turn"]
+    assert entry["dropped"]["truncated"] >= 1 and entry["generated_rows"] == 10
