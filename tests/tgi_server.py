@@ -127,7 +127,8 @@ class Server:
         self.faults = random.Random(args.fault_seed)
         self.metrics = {"requests": 0, "success": 0, "generated_tokens": 0, "input_tokens": 0,
                         "faults_503": 0, "faults_429": 0, "overloaded_429": 0, "drops": 0, "stalls": 0,
-                        "validation_422": 0, "unauthorized_401": 0, "busy_slot_seconds": 0.0}
+                        "validation_422": 0, "unauthorized_401": 0, "busy_slot_seconds": 0.0,
+                        "first_request_s": 0.0, "last_response_s": 0.0}
         self.started = time.monotonic()
 
     # ----------------------------------------------------------------------------------- protocol
@@ -198,6 +199,7 @@ class Server:
         if params["return_full_text"]:
             text = prompt + text
         self.metrics["success"] += 1
+        self.metrics["last_response_s"] = round(time.monotonic() - self.started, 4)
         self.metrics["generated_tokens"] += len(tokens)
         self.metrics["input_tokens"] += len(ids)
         details = {"finish_reason": finish, "generated_tokens": len(tokens),
@@ -298,6 +300,8 @@ class Server:
             self.metrics["overloaded_429"] += 1
             return error_response(429, "Model is overloaded", "overloaded")
         stream = request.path == "/generate_stream" or (request.path == "/" and body.get("stream"))
+        now = round(time.monotonic() - self.started, 4)
+        self.metrics["first_request_s"] = self.metrics["first_request_s"] or now
         self.in_flight += 1
         try:
             result = await self.generate(params, ids, body["inputs"])
@@ -365,7 +369,7 @@ class Server:
         return web.Response(status=200)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        m = dict(self.metrics, uptime_seconds=round(time.monotonic() - self.started, 3),
+        m = dict(self.metrics, uptime_seconds=round(time.monotonic() - self.started, 3), in_flight=self.in_flight,
                  slots=self.args.slots, ms_per_token=self.args.ms_per_token)
         lines = [f"tgi_standin_{k} {v}" for k, v in m.items()]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

@@ -274,7 +274,9 @@ class TGIBackend(Backend):
     def _parameters(self, request: GenerationRequest, prompt: str) -> dict | GenerationResult:
         params = request.params
         max_new = int(params.max_new_tokens)
-        if self._max_total or self._max_input:
+        # a token covers at least one byte (+ a few added tokens): short prompts need no counting
+        bound = len(prompt.encode()) + 8
+        if (self._max_input and bound > self._max_input) or (self._max_total and bound + max_new > self._max_total):
             n_in = len(self._tokenizer(prompt, add_special_tokens=True).input_ids)
             room = (self._max_total or n_in + max_new) - n_in
             if (self._max_input and n_in > self._max_input) or room < 1:
