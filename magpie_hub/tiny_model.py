@@ -24,15 +24,15 @@ from pathlib import Path
 
 from magpie_hub.errors import ModelError
 
-BUILD_VERSION = 1
-TURN_TOKENS = 40  # target mean length of a sampled turn
+BUILD_VERSION = 2
+TURN_TOKENS = 48  # target mean length of a sampled turn
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 64, 2, 4, 2, 256
 LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
                    "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
                    "<|reserved_special_token_4|>", "<|eot_id|>")
 LLAMA3_VOCAB = 2000
-LOGIT_STD = 4.0  # peaky random logits: top-k=50 sampling then changes turn lengths little
+LOGIT_STD = 1.5  # spread of the random logits: P(end of turn) then varies little with the context
 QWEN_TOKENIZER_ENV = "MAGPIE_HUB_TINY_QWEN_TOKENIZER"
 _QWEN_HUB_ID = "Qwen/Qwen2.5-0.5B-Instruct"
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -256,28 +256,18 @@ def _make_model(family: str, tok, *, seed: int, turn_tokens: int, out: Path, sou
     if family == "llama3":
         model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=8192, tie_word_embeddings=False, **common))
     else:
-        model = Qwen2ForCausalLM(Qwen2Config(max_position_embeddings=32768, tie_word_embeddings=True, **common))
+        model = Qwen2ForCausalLM(Qwen2Config(max_position_embeddings=32768, tie_word_embeddings=False, **common))
     model.eval()
-    ctx: list = []
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, len(tok), (8, 64), generator=gen)
     with torch.no_grad():
         emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-        emb[:, 0] = 3 * emb[:, 1:].std()
-        if head.data_ptr() != emb.data_ptr():
-            head[:, 0] = 0.0
+        emb[:, 0] = 20 * emb[:, 1:].std()  # dominates the residual: h[..., 0] is nearly constant
+        head[:, 0] = 0.0
+        head[eot, :] = 0.0  # its logit is then the calibrated bias alone: P(eot) barely depends on context
         _, _, _, logits = _calibration_stats(model, ids, eot)
         model.model.norm.weight[1:] *= LOGIT_STD / float(logits.std(dim=-1).mean())
         _raise_logit(model, head, eot, *_calibration_stats(model, ids, eot)[:3], turn_tokens)
-        # second pass on the model's own sampled turns (what it will actually continue from)
-        torch.manual_seed(seed)
-        for prompt in (fmt.user_prompt([]), fmt.assistant_prompt([], "Write a short poem about the sea.")):
-            start = torch.tensor([fmt.encode(prompt)] * 8)
-            sampled = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0,
-                                     max_new_tokens=48, suppress_tokens=eos_ids, pad_token_id=eot)
-            stats = _calibration_stats(model, sampled, eot)
-            ctx.append([t[:, start.shape[1] - 1:-1] for t in stats[:3]])
-        _raise_logit(model, head, eot, *(torch.cat(parts) for parts in zip(*ctx, strict=True)), turn_tokens)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos_ids,
                                                pad_token_id=tok.pad_token_id)
     model.save_pretrained(out)
