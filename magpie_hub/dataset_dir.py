@@ -101,8 +101,8 @@ def with_columns(data: ConfigData, columns: dict[str, list], features: Features)
 
 def write_config(directory: Path, data: ConfigData, shard_rows: Sequence[int] | None = None,
                  rows_per_shard: int = ROWS_PER_SHARD) -> list[Path]:
-    """Write ``data`` as ``DIR/{config}/train-*.parquet``: every shard to a temp file first, then
-    ``os.replace`` them in; stale shards of another count are removed last. ``shard_rows`` (default:
+    """Write ``data`` as ``DIR/{config}/train-*.parquet``: every shard to a temp file under
+    ``DIR/.magpie/tmp/`` first, then ``os.replace`` them in; stale shards of another count are removed last. ``shard_rows`` (default:
     ``data.shard_rows`` when it sums to the row count, else ``rows_per_shard`` per shard) sets the split."""
     folder = Path(directory) / data.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,9 +116,10 @@ def write_config(directory: Path, data: ConfigData, shard_rows: Sequence[int] | 
         raise ValueError(f"shard sizes {list(shard_rows)} do not add up to {n} rows")
     table = data.table.cast(data.features.arrow_schema)
     count, offset, staged = len(shard_rows), 0, []
+    stage = work_dir(directory, "tmp")  # same filesystem; a kill leaves nothing publishable behind
     try:
         for i, rows in enumerate(shard_rows):
-            fd, tmp = tempfile.mkstemp(prefix=f".{shard_name(i, count)}.", suffix=".tmp", dir=folder)
+            fd, tmp = tempfile.mkstemp(prefix=f"{data.name}.{shard_name(i, count)}.", suffix=".tmp", dir=stage)
             os.close(fd)
             staged.append((Path(tmp), folder / shard_name(i, count)))
             pq.write_table(table.slice(offset, rows), tmp)
