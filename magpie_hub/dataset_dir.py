@@ -129,6 +129,11 @@ def write_config(directory: Path, data: ConfigData, shard_rows: Sequence[int] | 
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
+        for empty in (stage, stage.parent):  # leave no empty .magpie/ in a fresh output dir
+            try:
+                empty.rmdir()
+            except OSError:
+                break
     keep = {final for _, final in staged}
     for stale in shard_paths(directory, data.name):
         if stale not in keep:
