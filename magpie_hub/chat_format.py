@@ -215,17 +215,22 @@ class ChatFormat:
         else:
             if _SYS not in rs or _U1 not in rs:
                 self.supports_system, self._system_error = False, "the template drops the system message"
+        # where a system prompt lands in a multi-turn prompt: before the first turn (most templates) or
+        # inside the LAST user turn (Mistral v0.3 / Nemo); user_prompt() is exact either way
+        self.system_first = self.supports_system and self._render(
+            [_msg("system", _SYS), _msg("user", _U1), _msg("assistant", _A1), _msg("user", _U2)], True
+        ).startswith(self.pre_query_system(_SYS) + _U1)
         self.bos_in_template = bool(self.bos_token) and self.pre_query.startswith(self.bos_token)
 
     # -- stops -----------------------------------------------------------------------------------------
     def _specials(self) -> list[str]:
         tok = self.tokenizer
         names = list(tok.all_special_tokens)
-        names += [t.content for t in tok.added_tokens_decoder.values() if getattr(t, "special", False)]
+        names += [t.content for t in tok.added_tokens_decoder.values()]  # control tokens, special or not
         return sorted(_dedupe(names), key=len, reverse=True)
 
     def _stop_after(self, text: str, specials: list[str]) -> str:
-        """The end-of-turn marker at the start of ``text``: its first special token, else its stripped text."""
+        """The end-of-turn marker at the start of ``text``: its first special/added token, else its stripped text."""
         best = None
         for tok in specials:
             pos = text.find(tok)
