@@ -41,12 +41,13 @@ def templates(
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"chat format of {model}", show_lines=True)
+    table = Table(title=Text(f"chat format of {model}"), show_lines=True)
     table.add_column("piece")
     table.add_column("value (repr)")
     for key, value in data.items():
-        table.add_row(key, repr(value))
+        table.add_row(key, Text(repr(value)))  # Text: "[/INST]" is not rich markup
     Console().print(table)
 
 
