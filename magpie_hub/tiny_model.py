@@ -270,8 +270,16 @@ def _make_model(family: str, tok, *, seed: int, turn_tokens: int, out: Path, sou
         _raise_logit(model, head, eot, *_calibration_stats(model, ids, eot)[:3], turn_tokens)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos_ids,
                                                pad_token_id=tok.pad_token_id)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in CLI output
+    try:
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _source_eos(tokenizer_from) -> list[int]:
