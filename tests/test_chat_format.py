@@ -233,3 +233,19 @@ def test_missing_template_and_bad_inputs(fixtures_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="holds no tokenizer"):
         load_chat_format(str(tmp_path / "empty"))
+
+
+def test_hub_id_from_the_offline_cache(fixtures_dir):
+    """A Hub id already in the local cache loads offline; generation_config.json eos ids come from the cache."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / "models--magpie-test--qwen-cached"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    shutil.copytree(fixtures_dir / "qwen2.5-instruct", snapshot, dirs_exist_ok=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    fmt = load_chat_format("magpie-test/qwen-cached")
+    assert fmt.model == "magpie-test/qwen-cached" and fmt.has_vocabulary
+    assert fmt.pre_query.startswith("<|im_start|>system\nYou are Qwen")
+    assert set(fmt.stop_token_ids) == {151645, 151643}  # 151643 only from the cached generation_config.json
