@@ -90,7 +90,7 @@ class DedupStep(TagStep):
     # -- embeddings --------------------------------------------------------------------------------
 
     def _cache_dir(self) -> Path:
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model_name.strip("/"))[-60:]
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model_name)[-60:].lstrip("._-") or "model"
         digest = hashlib.sha256(self.model_name.encode()).hexdigest()[:8]
         return self.context.work_dir / "cache" / f"{slug}-{digest}"
 
