@@ -58,8 +58,8 @@ def build(
     config: Annotated[list[str] | None, typer.Option("--config", help="Only build these configs")] = None,
     rows: Annotated[int | None, typer.Option(help="Override the row count of every config")] = None,
     model: Annotated[str | None, typer.Option(help="Override the recipe's model")] = None,
-    backend: Annotated[str | None, typer.Option(help="transformers | tgi")] = None,
-    endpoint: Annotated[str | None, typer.Option(help="Server URL for the tgi backend")] = None,
+    backend: Annotated[str | None, typer.Option(help="transformers | tgi | openai (/v1/completions)")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="Server URL for the tgi / openai backends")] = None,
     fresh: Annotated[bool, typer.Option(help="Discard an existing output/checkpoint in --out")] = False,
 ) -> None:
     """Generate the recipe's configs into a Hub-shaped dataset directory (resumable)."""

@@ -239,7 +239,7 @@ def test_offline_mode_is_explained(tiny_llama3):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def write_recipe(path: Path, model: Path, configs: str, **options) -> Path:
+def write_recipe(path: Path, model: Path, configs: str, response_temperature: float = 0.0, **options) -> Path:
     opts = {"timeout": 1.5, "backoff_base": 0.02, "backoff_cap": 0.2, **options}
     path.write_text(f"""name: tgi-cli
 model: {model}
@@ -249,7 +249,7 @@ seed: 3
 instruction_sampling:
   - {{temperature: 1.0, top_p: 1.0, share: 0.5}}
   - {{temperature: 1.1, top_p: 0.995, share: 0.5}}
-response_sampling: {{temperature: 0.0}}
+response_sampling: {{temperature: {response_temperature}}}
 max_new_tokens: {{instruction: 48, response: 64}}
 max_attempts: 40
 concurrency: 32
@@ -360,7 +360,9 @@ def test_cli_kill9_and_resume_gives_exact_rows(tiny_llama3, tmp_path):
 
 
 def test_cli_build_through_the_model_backed_server(tiny_llama3, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama3, "  single_turn: {rows: 4}\n", timeout=60)
+    # sampled responses: greedy decoding of a random-weight model often ends the turn at once (empty)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama3, "  single_turn: {rows: 4}\n", response_temperature=1.0,
+                          timeout=60)
     with launched(tiny_llama3) as (url, _):
         proc = run_cli("build", str(recipe), "--out", str(tmp_path / "out"), "--endpoint", url,
                        env=cli_env(online=True))
@@ -368,3 +370,65 @@ def test_cli_build_through_the_model_backed_server(tiny_llama3, tmp_path):
         assert metrics(url)["tgi_standin_success"] >= 8
     rows = load_rows(tmp_path / "out", "single_turn")
     assert len(rows) == 4 == len({r["uuid"] for r in rows})
+
+
+# ---------------------------------------------------------------------------------------------- openai
+def test_openai_completions_backend(bos_model, tmp_path):
+    from magpie_hub.backends.openai_completions import OpenAICompletionsBackend
+
+    log = tmp_path / "req.jsonl"
+    with launched(bos_model, "--simulate", "--ms-per-token", "0", "--log-requests", str(log)) as (url, _):
+        backend = OpenAICompletionsBackend(str(bos_model), endpoint=url + "/v1", **FAST)
+        stops = ("<|eot_id|>", "A", "B", "C", "how")
+        results = asyncio.run(_generate_all(backend, [req(seed=4, stop=stops), req(temperature=0.0),
+                                                      req(temperature=0.8, top_p=0.95)]))
+    assert backend.served_model == str(bos_model) and backend.strip_prefix == BOS
+    assert backend.max_concurrency == 64 and backend.info().name == "openai"
+    probe, sampled, greedy, nucleus = (e["body"] for e in logged(log))  # start() probes the route first
+    assert probe["max_tokens"] == 1
+    assert all(e["path"] == "/v1/completions" and not e["body"]["prompt"].startswith(BOS) for e in logged(log))
+    assert sampled["model"] == str(bos_model) and sampled["seed"] == 4 and "top_p" not in sampled
+    assert sampled["stop"] == list(stops[:4]) and sampled["max_tokens"] == 24
+    assert greedy["temperature"] == 0.0 and "seed" not in greedy and nucleus["top_p"] == 0.95
+    assert all(r.finish_reason in ("stop", "length") and r.generated_tokens >= 1 for r in results)
+    assert "how" not in results[0].text
+
+
+def test_openai_chat_only_server_is_explained(tiny_llama3):
+    from magpie_hub.backends.openai_completions import OpenAICompletionsBackend
+
+    with launched(tiny_llama3, "--simulate", "--chat-only") as (url, _):
+        with pytest.raises(BackendError, match="offers no raw text completion.*chat-only API cannot") as err:
+            asyncio.run(_generate_all(OpenAICompletionsBackend(str(tiny_llama3), endpoint=url), []))
+    assert "\n" not in str(err.value) and "vLLM" in str(err.value)
+
+
+def test_openai_model_choice_and_api_key(tiny_llama3, monkeypatch):
+    from magpie_hub.backends.openai_completions import OpenAICompletionsBackend
+
+    with launched(tiny_llama3, "--simulate", "--model-id", "served-llama", "--token", "sk-local-key-123") as (url, _):
+        monkeypatch.setenv("HF_TOKEN", "sk-local-key-123")  # a Hub token is never sent to such a server
+        with pytest.raises(BackendError, match="HTTP 401.*OPENAI_API_KEY"):
+            asyncio.run(_generate_all(OpenAICompletionsBackend(str(tiny_llama3), endpoint=url), []))
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-local-key-123")
+        with pytest.raises(BackendError, match="model mismatch.*served-llama.*served_model"):
+            asyncio.run(_generate_all(OpenAICompletionsBackend(str(tiny_llama3), endpoint=url), []))
+        with pytest.raises(BackendError, match="model mismatch.*check_model: false"):
+            asyncio.run(_generate_all(OpenAICompletionsBackend(str(tiny_llama3), endpoint=url,
+                                                               served_model="served-llama"), []))
+        backend = OpenAICompletionsBackend(str(tiny_llama3), endpoint=url, served_model="served-llama",
+                                           check_model=False)
+        (result,) = asyncio.run(_generate_all(backend, [req()]))
+    assert result.finish_reason in ("stop", "length")
+
+
+def test_cli_build_with_the_openai_backend(tiny_llama3, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama3, "  single_turn: {rows: 8}\n  multi_turn: {rows: 4, turns: 2}\n")
+    with launched(tiny_llama3, *SIM, "--fail-503", "0.05") as (url, _):
+        proc = run_cli("build", str(recipe), "--out", str(tmp_path / "out"), "--backend", "openai",
+                       "--endpoint", url)  # no huggingface_hub client: works under HF_HUB_OFFLINE=1
+        assert proc.returncode == 0, proc.stderr
+    for name, rows in (("single_turn", 8), ("multi_turn", 4)):
+        got = load_rows(tmp_path / "out", name)
+        assert len(got) == rows == len({r["uuid"] for r in got})
+    assert json.loads((tmp_path / "out" / "magpie_manifest.json").read_text())["backend"]["name"] == "openai"

@@ -2,7 +2,9 @@
 
 Speaks the TGI router's HTTP protocol: ``POST /generate`` (object), ``POST /`` (one-element list, or
 SSE when ``"stream": true``), ``POST /generate_stream`` (SSE), ``POST /tokenize``, ``GET /info``,
-``GET /health``, ``GET /metrics`` (Prometheus text), with TGI's JSON shapes, its validation rules
+``GET /health``, ``GET /metrics`` (Prometheus text), and the OpenAI-compatible ``GET /v1/models``,
+``POST /v1/completions`` (vLLM's shapes; ``--chat-only``: 404 like a chat-only API) and a minimal
+``POST /v1/chat/completions``, with TGI's JSON shapes, its validation rules
 (422 ``validation``), ``429 overloaded`` beyond ``max_concurrent_requests`` and ``401`` without the
 ``--token`` Bearer token. Prompts are tokenized with special tokens added, like TGI.
 
@@ -48,6 +50,11 @@ WORDS = (
 
 def validation_error(message: str) -> web.Response:
     return error_response(422, f"Input validation error: {message}", "validation")
+
+
+def openai_error(status: int, message: str, error_type: str) -> web.Response:
+    return web.json_response({"object": "error", "message": message, "type": error_type, "param": None,
+                              "code": status}, status=status)
 
 
 def error_response(status: int, message: str, error_type: str) -> web.Response:
@@ -292,6 +299,18 @@ class Server:
             self.metrics["validation_422"] += 1
             return checked
         params, ids = checked
+        result = await self.admit(request, body, params, ids, body["inputs"])
+        if isinstance(result, web.Response):
+            return result
+        stream = request.path == "/generate_stream" or (request.path == "/" and body.get("stream"))
+        if stream:
+            return await self.send_stream(request, result)
+        if not params["details"]:
+            result = {"generated_text": result["generated_text"]}
+        return web.json_response([result] if request.path == "/" else result)
+
+    async def admit(self, request: web.Request, body: dict, params: dict, ids: list[int], prompt: str):
+        """Log, refuse beyond max_concurrent_requests (TGI's 429), generate."""
         if self.args.log_requests:
             with open(self.args.log_requests, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"path": request.path, "body": body, "input_ids": ids[:4],
@@ -299,19 +318,78 @@ class Server:
         if self.in_flight >= self.args.max_concurrent_requests:
             self.metrics["overloaded_429"] += 1
             return error_response(429, "Model is overloaded", "overloaded")
-        stream = request.path == "/generate_stream" or (request.path == "/" and body.get("stream"))
         now = round(time.monotonic() - self.started, 4)
         self.metrics["first_request_s"] = self.metrics["first_request_s"] or now
         self.in_flight += 1
         try:
-            result = await self.generate(params, ids, body["inputs"])
+            return await self.generate(params, ids, prompt)
         finally:
             self.in_flight -= 1
-        if stream:
-            return await self.send_stream(request, result)
-        if not params["details"]:
-            result = {"generated_text": result["generated_text"]}
-        return web.json_response([result] if request.path == "/" else result)
+
+    # ------------------------------------------------------------- OpenAI-compatible routes (vLLM's shapes)
+    def served_id(self) -> str:
+        return self.args.model_id or self.args.model
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        if not self.authorized(request):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return web.json_response({"object": "list", "data": [
+            {"id": self.served_id(), "object": "model", "created": int(time.time()), "owned_by": "vllm",
+             "root": self.served_id(), "parent": None, "max_model_len": self.args.max_total_tokens}]})
+
+    async def handle_completions(self, request: web.Request) -> web.Response:
+        self.metrics["requests"] += 1
+        if not self.authorized(request):
+            self.metrics["unauthorized_401"] += 1
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        if self.args.chat_only:
+            return openai_error(404, "This is a chat model and not supported in the v1/completions endpoint. "
+                                "Did you mean to use v1/chat/completions?", "NotFoundError")
+        fault = await self.inject_fault(request)
+        if fault is not None:
+            return fault
+        body = await request.json()
+        if body.get("model") != self.served_id():
+            return openai_error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+        stop = body.get("stop") or []
+        params = {"max_new_tokens": body.get("max_tokens", 16), "stop": [stop] if isinstance(stop, str) else stop,
+                  "seed": body.get("seed"), "details": True}
+        if body.get("temperature", 1.0) > 0:
+            params.update(do_sample=True, temperature=body.get("temperature", 1.0))
+        if body.get("top_p") is not None and body["top_p"] < 1.0:
+            params["top_p"] = body["top_p"]
+        checked = self.validate({"inputs": body.get("prompt") or "", "parameters": params})
+        if isinstance(checked, web.Response):
+            self.metrics["validation_422"] += 1
+            message = json.loads(checked.body)["error"].removeprefix("Input validation error: ")
+            if "tokens" in message and ("must be <=" in message or "less than" in message):
+                message = (f"This model's maximum context length is {self.args.max_total_tokens} tokens. However, "
+                           f"you requested more ({message}). Please reduce the length of the prompt or completion.")
+            return openai_error(400, message, "BadRequestError")
+        result = await self.admit(request, body, *checked, body["prompt"])
+        if isinstance(result, web.Response):
+            return result
+        text, finish = result["generated_text"], result["details"]["finish_reason"]
+        if finish == "stop_sequence":  # vLLM leaves the matched stop string out of the text
+            text = text[: min((i for i in (text.rfind(x) for x in params["stop"]) if i >= 0), default=len(text))]
+        n_in, n_out = len(checked[1]), result["details"]["generated_tokens"]
+        return web.json_response({
+            "id": f"cmpl-{self.metrics['success']}", "object": "text_completion", "created": int(time.time()),
+            "model": self.served_id(), "choices": [{"index": 0, "text": text, "logprobs": None, "stop_reason": None,
+                                                    "finish_reason": "length" if finish == "length" else "stop"}],
+            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}})
+
+    async def handle_chat(self, request: web.Request) -> web.Response:
+        """A minimal chat route (the template is applied server-side: no raw completion possible)."""
+        if not self.authorized(request):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        body = await request.json()
+        prompt = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+        tokens, _ = await self._simulate({"seed": body.get("seed"), "max_new_tokens": 32, "stop": []}, prompt)
+        text = "".join(t["text"] for t in tokens if not t["special"])
+        return web.json_response({"id": "chatcmpl-0", "object": "chat.completion", "model": self.served_id(),
+                                  "choices": [{"index": 0, "finish_reason": "stop",
+                                               "message": {"role": "assistant", "content": text}}]})
 
     async def send_stream(self, request: web.Request, result: dict) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -379,7 +457,9 @@ class Server:
         app.add_routes([web.post("/generate", self.handle_generate), web.post("/", self.handle_generate),
                         web.post("/generate_stream", self.handle_generate),
                         web.post("/tokenize", self.handle_tokenize), web.get("/info", self.handle_info),
-                        web.get("/health", self.handle_health), web.get("/metrics", self.handle_metrics)])
+                        web.get("/health", self.handle_health), web.get("/metrics", self.handle_metrics),
+                        web.get("/v1/models", self.handle_models), web.post("/v1/completions", self.handle_completions),
+                        web.post("/v1/chat/completions", self.handle_chat)])
         return app
 
 
@@ -392,6 +472,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=0, help="0 = a free port (printed on stdout)")
     ap.add_argument("--port-file", type=Path, default=None, help="write the bound port here when ready")
     ap.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (401 otherwise)")
+    ap.add_argument("--chat-only", action="store_true", help="POST /v1/completions answers 404 (a chat-only API)")
     ap.add_argument("--max-concurrent-requests", type=int, default=128)
     ap.add_argument("--max-input-tokens", type=int, default=1024)
     ap.add_argument("--max-total-tokens", type=int, default=2048)

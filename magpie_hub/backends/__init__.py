@@ -20,6 +20,7 @@ from magpie_hub.errors import RecipeError
 BACKENDS: dict[str, str] = {
     "transformers": "magpie_hub.backends.transformers_backend:TransformersBackend",
     "tgi": "magpie_hub.backends.tgi:TGIBackend",
+    "openai": "magpie_hub.backends.openai_completions:OpenAICompletionsBackend",
     "dummy": "magpie_hub.backends.dummy:DummyBackend",
     "scripted": "magpie_hub.backends.scripted:ScriptedBackend",
 }

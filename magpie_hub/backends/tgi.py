@@ -40,7 +40,12 @@ from magpie_hub.retry import RETRYABLE_STATUS, backoff_delay, parse_retry_after
 log = logging.getLogger(__name__)
 
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
-_TOO_LONG = re.compile(r"must have less than \d+ tokens|must be <= \d+\. Given: \d+ `inputs` tokens")
+_TOO_LONG = re.compile(r"must have less than \d+ tokens|must be <= \d+\. Given: \d+ `inputs` tokens|"
+                       r"maximum context length|exceeds the context size|context length", re.IGNORECASE)
+
+
+class _TooLong(Exception):
+    """The server refused a prompt for its length (its own count is the authority)."""
 
 
 def _token_from_env() -> str | None:
@@ -89,19 +94,22 @@ class TGIBackend(Backend):
     """A TGI server as the generation backend: bounded concurrency, retries, validation of the server."""
 
     name = "tgi"
+    server_kind = "TGI server"
+    env_var = "MAGPIE_TGI_ENDPOINT"
+    default_concurrency = 128
 
     def __init__(self, model: str, *, revision: str | None = None, endpoint: str | None = None,
                  max_concurrency: int | None = None, timeout: float = 120, max_retries: int = 8,
                  token: str | None = None, check_model: bool = True, backoff_base: float = 0.5,
                  backoff_cap: float = 30.0, **options):
         if options:
-            log.warning("tgi backend ignores unknown backend_options: %s", ", ".join(sorted(options)))
-        endpoint = endpoint or os.environ.get("MAGPIE_TGI_ENDPOINT")
+            log.warning("%s backend ignores unknown backend_options: %s", self.name, ", ".join(sorted(options)))
+        endpoint = endpoint or os.environ.get(self.env_var)
         if not endpoint:
-            raise RecipeError("the tgi backend needs a server URL: set backend_options.endpoint in the recipe, "
-                              "pass --endpoint URL or set MAGPIE_TGI_ENDPOINT")
+            raise RecipeError(f"the {self.name} backend needs a server URL: set backend_options.endpoint in the "
+                              f"recipe, pass --endpoint URL or set {self.env_var}")
         if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).hostname:
-            raise RecipeError(f"tgi endpoint {public_url(endpoint)!r} is not an http(s):// URL "
+            raise RecipeError(f"{self.name} endpoint {public_url(endpoint)!r} is not an http(s):// URL "
                               "(give the server's base URL, e.g. http://127.0.0.1:8080)")
         for key, value, low in (("timeout", timeout, 0.001), ("max_retries", max_retries, 0),
                                 ("max_concurrency", max_concurrency, 1), ("backoff_base", backoff_base, 0),
@@ -136,15 +144,21 @@ class TGIBackend(Backend):
         self._check_model(self.server.get("model_id"))
         self._tokenizer = self._load_tokenizer()
         self.strip_prefix = await self._bos_to_strip()
-        limit = self._requested_concurrency or self.server.get("max_concurrent_requests") or 128
-        self.max_concurrency = int(limit)
-        self._sem = asyncio.Semaphore(self.max_concurrency)
+        self._init_concurrency()
         self._client = AsyncInferenceClient(base_url=self.endpoint, token=self._token, timeout=self.timeout)
         await self._install_session(self.max_concurrency)
         log.info("tgi: %s serves %s (max_concurrent_requests=%s, max_input_tokens=%s, max_total_tokens=%s); "
                  "%d requests in flight, strip BOS %r", self.url, self.server.get("model_id"),
                  self.server.get("max_concurrent_requests"), self._max_input, self._max_total,
                  self.max_concurrency, self.strip_prefix)
+
+    def _init_concurrency(self) -> None:
+        limit = self._requested_concurrency or self.server.get("max_concurrent_requests") or self.default_concurrency
+        self.max_concurrency = int(limit)
+        self._sem = asyncio.Semaphore(self.max_concurrency)
+
+    async def _sleep_backoff(self, attempt: int) -> None:
+        await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=4.0))
 
     async def _read_info(self) -> dict:
         import httpx2
@@ -163,7 +177,7 @@ class TGIBackend(Backend):
                 if attempt == 3:
                     raise BackendError(f"cannot reach the TGI server at {self.url} ({_one_line(reason, 120)}); "
                                        "check --endpoint and that the server is running")
-                await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=4.0))
+                await self._sleep_backoff(attempt)
             self._raise_for_auth(health.status_code, "GET /health")
             try:
                 info = await http.get("/info")
@@ -182,10 +196,10 @@ class TGIBackend(Backend):
                                    "check that --endpoint points to a text-generation-inference server")
             return data
 
-    def _raise_for_auth(self, status: int, what: str) -> None:
+    def _raise_for_auth(self, status: int, what: str, key_name: str = "HF_TOKEN") -> None:
         if status in (401, 403):
             which = "was refused" if self._token else "is required"
-            raise BackendError(f"{what} at {self.url} -> HTTP {status}: the token {which}; set HF_TOKEN (or .env) "
+            raise BackendError(f"{what} at {self.url} -> HTTP {status}: the token {which}; set {key_name} (or .env) "
                                "to a token this endpoint accepts")
 
     def _check_model(self, served: str | None) -> None:
@@ -221,25 +235,28 @@ class TGIBackend(Backend):
             return None
         adds = None
         try:
-            first = await self._post_json("/tokenize", {"inputs": "Hi"})
-            if isinstance(first, list) and first and isinstance(first[0], dict):
-                adds = first[0].get("id") == bos_id
-        except Exception as exc:  # noqa: BLE001 - /tokenize is optional (older TGI); fall back below
-            log.debug("tgi: POST /tokenize unavailable (%s); using the local tokenizer", type(exc).__name__)
+            ids = await self._tokenize_probe()
+            if ids:
+                adds = ids[0] == bos_id
+        except Exception as exc:  # noqa: BLE001 - /tokenize is optional (older servers); fall back below
+            log.debug("%s: POST /tokenize unavailable (%s); using the local tokenizer", self.name, type(exc).__name__)
         if adds is None:
             ids = tok("Hi", add_special_tokens=True).input_ids
             adds = bool(ids) and ids[0] == bos_id and tok("Hi", add_special_tokens=False).input_ids[:1] != [bos_id]
         self.stats["server_adds_bos"] = int(adds)
         return bos if adds else None
 
-    async def _post_json(self, route: str, payload: dict):
+    async def _tokenize_probe(self) -> list[int] | None:
+        """Ids the server gives "Hi" (TGI's POST /tokenize), None when it cannot say."""
         import httpx2
 
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         async with httpx2.AsyncClient(base_url=self.endpoint, headers=headers, timeout=min(self.timeout, 30.0)) as h:
-            resp = await h.post(route, json=payload)
-            resp.raise_for_status()
-            return resp.json()
+            resp = await h.post("/tokenize", json={"inputs": "Hi"})
+            data = resp.json() if resp.status_code == 200 else None
+        if isinstance(data, list) and data and isinstance(data[0], dict):
+            return [t.get("id") for t in data]
+        return None
 
     async def _install_session(self, limit: int) -> None:
         """Give the client a connection pool as large as the concurrency (httpx keeps only 20 alive by
@@ -280,18 +297,25 @@ class TGIBackend(Backend):
             n_in = len(self._tokenizer(prompt, add_special_tokens=True).input_ids)
             room = (self._max_total or n_in + max_new) - n_in
             if (self._max_input and n_in > self._max_input) or room < 1:
-                message = (f"a prompt of {n_in} tokens does not fit the TGI server at {self.url} "
-                           f"(max_input_tokens={self._max_input}, max_total_tokens={self._max_total})")
-                if not self._succeeded:
-                    raise BackendError(f"{message}; start the server with larger --max-input-tokens/"
-                                       "--max-total-tokens or use a shorter system prompt")
-                self.stats["prompt_too_long"] += 1
-                return GenerationResult("", "length", 0, error=message)
+                return self._too_long(f"a prompt of {n_in} tokens does not fit the {self.server_kind} at {self.url} "
+                                      f"(max_input_tokens={self._max_input}, max_total_tokens={self._max_total})")
             max_new = min(max_new, room)
+        return self._request_kwargs(params, request.stop, max_new)
+
+    def _too_long(self, message: str) -> GenerationResult:
+        """A prompt the server cannot take: fatal before any success (every prompt would fail), else the
+        conversation outgrew the server and ends as truncated."""
+        if not self._succeeded:
+            raise BackendError(f"{message}; give the server a larger context (TGI: --max-input-tokens/"
+                               "--max-total-tokens) or use a shorter system prompt")
+        self.stats["prompt_too_long"] += 1
+        return GenerationResult("", "length", 0, error=message)
+
+    def _request_kwargs(self, params, stop: tuple[str, ...], max_new: int) -> dict:
         kwargs: dict = {"details": True, "max_new_tokens": max_new, "return_full_text": False}
         max_stop = int(self.server.get("max_stop_sequences") or 4)
-        if request.stop:
-            kwargs["stop"] = list(request.stop[:max_stop])
+        if stop:
+            kwargs["stop"] = list(stop[:max_stop])
         if params.greedy:
             kwargs["do_sample"] = False
         else:
@@ -303,8 +327,8 @@ class TGIBackend(Backend):
         return kwargs
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        if self._client is None or self._sem is None:
-            raise BackendError("the tgi backend was used before start(); use `async with backend:`")
+        if self._sem is None:
+            raise BackendError(f"the {self.name} backend was used before start(); use `async with backend:`")
         prompt = request.prompt
         if self.strip_prefix and prompt.startswith(self.strip_prefix):
             prompt = prompt[len(self.strip_prefix):]
@@ -315,11 +339,14 @@ class TGIBackend(Backend):
         for attempt in range(self.max_retries + 1):
             async with self._sem:
                 try:
-                    out = await self._client.text_generation(prompt, **kwargs)
+                    out = await self._send(prompt, kwargs)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - classified below: fatal -> raise, else retry
-                    last, wait = self._classify(exc)
+                    try:
+                        last, wait = self._classify(exc)
+                    except _TooLong as too_long:
+                        return self._too_long(str(too_long))
                 else:
                     self._succeeded = True
                     self.stats["requests_ok"] += 1
@@ -330,11 +357,17 @@ class TGIBackend(Backend):
                                                   retry_after=wait))
         self.stats["requests_failed"] += 1
         if last.startswith("connection refused"):
-            raise BackendError(f"lost the TGI server at {self.url}: connection refused after "
+            raise BackendError(f"lost the {self.server_kind} at {self.url}: connection refused after "
                                f"{self.max_retries} retries; restart it and re-run to resume")
-        log.warning("tgi: request failed after %d retries (%s); the conversation will be regenerated",
-                    self.max_retries, last)
+        log.warning("%s: request failed after %d retries (%s); the conversation will be regenerated",
+                    self.name, self.max_retries, last)
         return GenerationResult("", "error", 0, error=last)
+
+    async def _send(self, prompt: str, kwargs: dict):
+        return await self._client.text_generation(prompt, **kwargs)
+
+    def _error_detail(self, exc: Exception, response) -> str:
+        return _one_line(exc.args[0] if exc.args else exc, 200)
 
     def _classify(self, exc: Exception) -> tuple[str, float | None]:
         """Retryable failure -> (reason, Retry-After seconds); permanent failure -> raise BackendError."""
@@ -348,7 +381,7 @@ class TGIBackend(Backend):
         )
 
         status, response = _status_of(exc)
-        detail = _one_line(exc.args[0] if exc.args else exc, 200)
+        detail = self._error_detail(exc, response)
         if isinstance(exc, (InferenceTimeoutError, httpx2.TimeoutException, asyncio.TimeoutError)):
             return f"timeout: no answer within {self.timeout:g}s", None
         if isinstance(exc, httpx2.ConnectError):
@@ -359,28 +392,33 @@ class TGIBackend(Backend):
                 status in RETRYABLE_STATUS:
             headers = getattr(response, "headers", None) or {}
             return f"HTTP {status or 'error'}: {detail}", parse_retry_after(headers.get("Retry-After"))
+        kind = self.server_kind
         if status in (401, 403):
-            self._raise_for_auth(status, "POST /")
+            self._raise_for_auth(status, "a generation request", "HF_TOKEN" if self.name == "tgi" else "OPENAI_API_KEY")
         if status == 404:
-            raise BackendError(f"POST {self.url} -> HTTP 404: no TGI generate route there; check --endpoint")
+            raise BackendError(f"POST {self.url} -> HTTP 404: no generation route of a {kind} there; check --endpoint")
         if isinstance(exc, ValidationError) or status in (400, 422):
-            raise BackendError(f"the TGI server at {self.url} rejected a request (HTTP {status or 422}): {detail}")
+            if _TOO_LONG.search(detail):
+                raise _TooLong(f"the {kind} at {self.url} refused a prompt for its length: {detail}")
+            raise BackendError(f"the {kind} at {self.url} rejected a request (HTTP {status or 422}): {detail}")
         if status is not None:
-            raise BackendError(f"the TGI server at {self.url} answered HTTP {status}: {detail}")
-        raise BackendError(f"{self.url} did not answer in TGI's format ({type(exc).__name__}: {detail}); "
-                           "check that --endpoint is a text-generation-inference server")
+            raise BackendError(f"the {kind} at {self.url} answered HTTP {status}: {detail}")
+        raise BackendError(f"{self.url} did not answer like a {kind} ({type(exc).__name__}: {detail}); check --endpoint")
 
     def _result(self, out, stops: tuple[str, ...]) -> GenerationResult:
         details = getattr(out, "details", None)
         if details is None:
             raise BackendError(f"{self.url} answered without `details`; it is not a TGI text-generation route")
-        text, finish = out.generated_text or "", FINISH.get(str(details.finish_reason), "error")
+        finish = FINISH.get(str(details.finish_reason), "error")
+        return self._finish(out.generated_text or "", finish, int(details.generated_tokens or 0), stops,
+                            f"finish_reason {details.finish_reason}")
+
+    def _finish(self, text: str, finish: str, tokens: int, stops: tuple[str, ...], note: str) -> GenerationResult:
         cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
         if cut >= 0:  # TGI keeps a matched stop sequence in generated_text; stops beyond the 4 sent apply here
             text, finish = text[:cut], "stop"
-        self.stats["generated_tokens"] += int(details.generated_tokens or 0)
-        return GenerationResult(text, finish, int(details.generated_tokens or 0),
-                                error=None if finish != "error" else f"finish_reason {details.finish_reason}")
+        self.stats["generated_tokens"] += tokens
+        return GenerationResult(text, finish, tokens, error=None if finish != "error" else note)
 
     def info(self) -> BackendInfo:
         extra = {"endpoint": self.url, "served_model_id": self.server.get("model_id"),
