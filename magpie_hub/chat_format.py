@@ -325,8 +325,9 @@ def load_chat_format(model_or_dir: str, revision: str | None = None, *,
     tok = None
     try:
         tok = _load_auto(name, revision)
-    except ModelError:
-        if not (allow_config_only and local is not None and (local / "tokenizer_config.json").is_file()):
+    except ModelError:  # fall back only for a folder without any vocabulary file, never for a broken one
+        if not (allow_config_only and local is not None and (local / "tokenizer_config.json").is_file()
+                and not any((local / f).is_file() for f in _VOCAB_FILES)):
             raise
     if tok is not None and _has_vocabulary(tok):
         return ChatFormat(tok, str(model_or_dir), extra_eos_ids=_generation_eos_ids(name, revision))

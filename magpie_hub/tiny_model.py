@@ -107,7 +107,8 @@ def tokenizer_from_config(directory: str | Path, *, train: bool = True):
     exactly like the real tokenizer's; token ids are NOT the model's."""
     directory = Path(directory)
     template = read_chat_template(directory)
-    cfg = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg_path = directory / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
     stm_path = directory / "special_tokens_map.json"
     stm = json.loads(stm_path.read_text(encoding="utf-8")) if stm_path.is_file() else {}
     named = {key: _token_text(cfg.get(key)) or _token_text(stm.get(key))

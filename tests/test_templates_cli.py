@@ -93,3 +93,14 @@ def test_cli_errors(fixtures_dir, tmp_path):
     _assert_one_line_error(run_cli("templates", "someone/not-downloaded-model", "--json"),
                            "HF_HUB_OFFLINE", "hf download")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no-template"]  # nothing written
+
+
+def test_broken_vocabulary_is_an_error_not_a_silent_fallback(fixtures_dir, tmp_path, capsys):
+    folder = tmp_path / "broken"
+    shutil.copytree(fixtures_dir / "phi-3-mini-4k-instruct", folder)
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["templates", str(folder), "--json"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: cannot load the tokenizer")
