@@ -75,6 +75,11 @@ def _local_dir(name: str) -> Path | None:
     return None
 
 
+def _no_vocabulary(name) -> ModelError:
+    return ModelError(f"{name} has no tokenizer vocabulary (tokenizer.json, tokenizer.model or vocab.json): "
+                      "copy the model's tokenizer files into it")
+
+
 def _offline() -> bool:
     from huggingface_hub.constants import is_offline_mode
 
@@ -94,8 +99,7 @@ def _load_auto(name: str, revision: str | None):
             return AutoTokenizer.from_pretrained(str(local))
         except Exception as exc:  # transformers raises ValueError/OSError/KeyError for broken folders
             if not any((local / f).is_file() for f in _VOCAB_FILES):
-                raise ModelError(f"{name} has no tokenizer vocabulary (tokenizer.json, tokenizer.model or "
-                                 "vocab.json): copy the model's tokenizer files into it") from None
+                raise _no_vocabulary(name) from None
             raise ModelError(f"cannot load the tokenizer in {name} ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:160]}): check the folder's tokenizer files") from None
     try:
@@ -120,12 +124,11 @@ def load_tokenizer(model_or_dir: str, revision: str | None = None):
     name = resolve_model(str(model_or_dir))
     tok = _load_auto(name, revision)
     if not _has_vocabulary(tok):
-        raise ModelError(f"{model_or_dir} has no tokenizer vocabulary (tokenizer.json, tokenizer.model or "
-                         "vocab.json): copy the model's tokenizer files into it")
+        raise _no_vocabulary(model_or_dir)
     return tok
 
 
-def _generation_eos_ids(name: str, revision: str | None) -> tuple[int, ...]:
+def generation_eos_ids(name: str, revision: str | None) -> tuple[int, ...]:
     """eos ids of generation_config.json from the folder or the Hub cache (never downloaded)."""
     path: Path | None = None
     local = Path(name).expanduser()
@@ -295,7 +298,7 @@ class ChatFormat:
     def encode(self, text: str) -> list[int]:
         """Token ids of a rendered prompt, never doubling a BOS the template already wrote."""
         if not self.has_vocabulary:
-            raise ModelError(f"{self.model} has no tokenizer vocabulary: copy the model's tokenizer files into it")
+            raise _no_vocabulary(self.model)
         return list(self.tokenizer(text, add_special_tokens=not self.bos_in_template)["input_ids"])
 
     def to_dict(self, system: str | None = None) -> dict[str, Any]:
@@ -330,12 +333,11 @@ def load_chat_format(model_or_dir: str, revision: str | None = None, *,
                 and not any((local / f).is_file() for f in _VOCAB_FILES)):
             raise
     if tok is not None and _has_vocabulary(tok):
-        return ChatFormat(tok, str(model_or_dir), extra_eos_ids=_generation_eos_ids(name, revision))
+        return ChatFormat(tok, str(model_or_dir), extra_eos_ids=generation_eos_ids(name, revision))
     if not allow_config_only or local is None:
-        raise ModelError(f"{model_or_dir} has no tokenizer vocabulary (tokenizer.json, tokenizer.model or "
-                         "vocab.json): copy the model's tokenizer files into it")
+        raise _no_vocabulary(model_or_dir)
     from magpie_hub.tiny_model import tokenizer_from_config
 
     tok = tokenizer_from_config(local, train=False)
-    return ChatFormat(tok, str(model_or_dir), extra_eos_ids=_generation_eos_ids(name, revision),
+    return ChatFormat(tok, str(model_or_dir), extra_eos_ids=generation_eos_ids(name, revision),
                       token_ids=_config_token_ids(local))

@@ -189,6 +189,8 @@ def build_tiny_model(family: str, *, chat_template_from=None, tokenizer_from=Non
     if (final / "magpie_tiny.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
+    from magpie_hub.chat_format import generation_eos_ids
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         if family == "llama3":
@@ -198,7 +200,7 @@ def build_tiny_model(family: str, *, chat_template_from=None, tokenizer_from=Non
 
             tok = load_tokenizer(str(tokenizer_from))
         _make_model(family, tok, seed=seed, turn_tokens=TURN_TOKENS, out=tmp,
-                   source_eos=_source_eos(tokenizer_from))
+                   source_eos=list(generation_eos_ids(str(tokenizer_from), None)) if tokenizer_from else [])
         (tmp / "magpie_tiny.json").write_text(json.dumps({**key_data, "key": key, "random_weights": True},
                                                          indent=2), encoding="utf-8")
         try:
@@ -281,16 +283,6 @@ def _make_model(family: str, tok, *, seed: int, turn_tokens: int, out: Path, sou
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def _source_eos(tokenizer_from) -> list[int]:
-    if tokenizer_from is None:
-        return []
-    path = Path(tokenizer_from) / "generation_config.json"
-    if not path.is_file():
-        return []
-    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)]
 
 
 def resolve_model(name: str) -> str:
