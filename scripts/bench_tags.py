@@ -39,8 +39,11 @@ TOPICS = ["gravity", "tax policy", "sourdough baking", "sorting algorithms", "me
           "wind turbines", "coral reefs", "game theory", "impressionist painting", "fermentation",
           "database indexing", "the French revolution", "photosynthesis", "climate models", "ancient Egypt",
           "quantum computing", "container shipping", "bird migration", "minimalist design", "negotiation"]
-MODIFIERS = ["", "modern ", "historical ", "everyday ", "advanced ", "beginner-level ", "controversial ",
-             "practical ", "theoretical ", "local ", "global ", "future "]
+MODIFIERS = ["", "modern ", "historical ", "everyday ", "advanced ", "controversial ", "practical ",
+             "theoretical ", "local ", "global ", "future ", "ancient ", "urban ", "rural ", "digital ",
+             "experimental ", "sustainable ", "military ", "medical ", "financial ", "Japanese ", "Brazilian ",
+             "Nordic ", "African ", "underwater ", "amateur ", "industrial ", "classical ", "forgotten ",
+             "children's "]
 AUDIENCES = ["to a ten year old", "to a software engineer", "for a high school exam", "to my grandmother",
              "for a podcast intro", "to a skeptical investor", "for a museum label", "in a tweet",
              "for a job interview", "to a new employee", "for a bedtime story", "in plain English"]
@@ -49,6 +52,13 @@ FORMS = ["haiku", "limerick", "short essay", "dialogue", "news headline", "produ
 ASPECTS = ["risks", "benefits", "common myths", "key dates", "open problems", "best practices",
            "ethical issues", "costs", "career paths", "famous examples"]
 NUMBERS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+PEOPLE = ["my boss", "a nurse", "our book club", "my students", "a startup founder", "my neighbour",
+          "a retired pilot", "the city council", "my teenage son", "a farmer", "our choir", "a journalist"]
+CITIES = ["Lagos", "Osaka", "Lima", "Oslo", "Hanoi", "Denver", "Porto", "Nairobi", "Quebec", "Perth", "Delhi"]
+CONTEXT = ["I am asking for {p} in {c}.", "This is for a {k}-word report due in {y}.",
+           "Keep in mind that {p} already knows the basics.", "We are preparing a workshop in {c} for {k} people.",
+           "Assume the reader lives in {c} in the year {y}.", "Please avoid jargon because {p} will read it.",
+           "Budget: {k} dollars.", "I tried last year in {c} and failed."]
 EN = ["Explain {m}{t} {a}.", "Write a {f} about {m}{t}.", "List the {n} biggest {s} of {m}{t}.",
       "Give me {n} tips on {m}{t}, {a}.", "Compare {m}{t} and {t2} in terms of {s}.",
       "Summarize the {s} of {m}{t} in {n} sentences.", "Create a quiz with {n} questions about {m}{t}.",
@@ -75,7 +85,9 @@ def make_instructions(rows: int, planted: int, seed: int) -> tuple[list[str], li
         text = tpl.format(m=rng.choice(MODIFIERS), t=rng.choice(TOPICS), t2=rng.choice(TOPICS),
                           a=rng.choice(AUDIENCES), f=rng.choice(FORMS), s=rng.choice(ASPECTS),
                           n=rng.choice(NUMBERS))
-        text += f" (ref {rng.randrange(10**6):06d})" if not other else f" [{rng.randrange(10**6):06d}]"
+        if not other and rng.random() < 0.5:  # a second sentence: context that varies a lot between rows
+            text += " " + rng.choice(CONTEXT).format(p=rng.choice(PEOPLE), c=rng.choice(CITIES),
+                                                     y=rng.randrange(1900, 2030), k=rng.randrange(2, 500))
         if text not in seen:
             seen.add(text)
             bases.append(text)

@@ -38,6 +38,7 @@ from magpie_hub.errors import ModelError, RecipeError
 from magpie_hub.tags.base import Batch, TagStep
 
 DEFAULT_MODEL = "sentence-transformers/all-mpnet-base-v2"
+RANGE_BLOCK = 4096  # queries per FAISS range_search call
 
 
 class DedupStep(TagStep):
@@ -191,14 +192,14 @@ def near_duplicates(emb: np.ndarray, first_row: np.ndarray, inverse: np.ndarray,
         near_dist = np.maximum(dist[np.arange(n_unique), other].astype(np.float64), 0.0)
         near_dist[idx[np.arange(n_unique), other] < 0] = np.inf
         close = np.flatnonzero(near_dist < threshold)
-        if close.size:
-            lims, _, ids = index.range_search(x[close], threshold)
-            for q, u in enumerate(close):
-                nb = ids[lims[q]:lims[q + 1]]
-                nb = nb[nb != u]
-                if nb.size:
-                    near_rows[u] = int(mult[nb].sum())
-                    group_first[u] = min(u, int(nb.min()))
+        for start in range(0, close.size, RANGE_BLOCK):  # bounded result size per block
+            queries = close[start:start + RANGE_BLOCK]
+            lims, _, ids = index.range_search(x[queries], threshold)
+            owner = np.repeat(queries, np.diff(lims.astype(np.int64)))
+            keep = ids != owner
+            owner, ids = owner[keep], ids[keep]
+            near_rows += np.bincount(owner, weights=mult[ids], minlength=n_unique).astype(np.int64)
+            np.minimum.at(group_first, owner, ids)
     dup_copies = mult - 1                                # identical texts: distance exactly 0
     min_dist = np.where(dup_copies > 0, 0.0, near_dist)
     repeat = np.minimum(dup_copies + near_rows, k - 1)
