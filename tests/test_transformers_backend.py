@@ -17,9 +17,18 @@ MIXES = [(1.0, 1.0), (1.1, 0.995), (1.25, 0.99), (0.0, 1.0)]   # sampled (plain,
 
 @pytest.fixture(scope="module")
 def llama_backend(tiny_llama3):
-    backend = TransformersBackend(str(tiny_llama3), batch_size=8, max_wait_ms=5)
+    """The ``model.generate`` batching path (the fallback for models whose cache cannot be merged)."""
+    backend = TransformersBackend(str(tiny_llama3), batch_size=8, max_wait_ms=5, continuous=False)
     backend._load()
+    assert backend._batcher is None
     return backend
+
+
+def requests_for_llama(backend, path, n: int, **kw) -> list[GenerationRequest]:
+    from magpie_hub.chat_format import load_chat_format
+
+    backend.chat_format = backend.chat_format or load_chat_format(str(path))
+    return requests_for(backend, n, **kw)
 
 
 def requests_for(backend, n: int, *, max_new: int = 48, stop=None) -> list[GenerationRequest]:
@@ -51,6 +60,26 @@ def test_rows_do_not_depend_on_the_batch_they_land_in(llama_backend):
                                       r.params.max_new_tokens, seed=r.params.seed + 1), r.stop, r.role)
                                       for r in reqs if r.params.temperature > 0])
     assert [a.text for a in again] != [a.text for a, r in zip(alone, reqs, strict=True) if r.params.temperature > 0]
+    # the continuous-batching path gives the very same rows, whatever its batch size
+    for batch_size in (1, 5):
+        backend = TransformersBackend(llama_backend.model_id, batch_size=batch_size, max_wait_ms=5)
+        assert asyncio.run(_gather(backend, reqs)) == alone
+        assert backend._batcher is not None and backend.stats()["rows"] == len(reqs)
+        assert backend.stats()["mean_batch"] <= batch_size
+
+
+def test_continuous_batching_refills_finished_slots(tiny_llama3):
+    backend = TransformersBackend(str(tiny_llama3), batch_size=4, max_wait_ms=5)
+    reqs = requests_for_llama(backend, tiny_llama3, 16, max_new=24)
+    short = [GenerationRequest(r.prompt, SamplingParams(r.params.temperature, r.params.top_p, 2 + i % 5,
+                                                        r.params.seed), r.stop, r.role) for i, r in enumerate(reqs)]
+    results = asyncio.run(_gather(backend, short))
+    stats = backend.stats()
+    assert all(r.generated_tokens <= 2 + i % 5 for i, r in enumerate(results))
+    assert all(r.finish_reason == "stop" or r.generated_tokens == 2 + i % 5 for i, r in enumerate(results))
+    # rows of different budgets share the batch: slots are refilled as rows finish (mean batch near 4)
+    assert stats["row_steps"] == sum(r.generated_tokens for r in results)
+    assert stats["mean_batch"] > 2.5 and stats["prefills"] < len(reqs)
 
 
 def test_per_sequence_stop_and_budgets_in_one_batch(llama_backend):
@@ -92,6 +121,8 @@ def test_per_sequence_stop_and_budgets_in_one_batch(llama_backend):
     assert results[8].finish_reason == "stop" or results[8].generated_tokens == 3          # its own budget
     assert results[9].finish_reason == "stop" and "e" not in results[9].text      # a row's own stop string
     assert results[9].text == results[5].text.split("e")[0]                      # same seed: same tokens until "e"
+    backend = TransformersBackend(llama_backend.model_id, batch_size=10, max_wait_ms=5)
+    assert asyncio.run(_gather(backend, reqs)) == results                       # continuous path: same rows
 
 
 def test_no_doubled_bos_in_input_ids(llama_backend):
@@ -115,8 +146,8 @@ def test_engine_end_to_end_batched_and_deterministic(tiny_llama3):
                 instruction_params=SamplingParams(temp, top_p, 96, seed=3),
                 response_params=SamplingParams(1.0, 1.0, 96, seed=4))
 
-    async def run(batch_size: int, concurrency: int):
-        backend = TransformersBackend(str(tiny_llama3), batch_size=batch_size, max_wait_ms=5)
+    async def run(batch_size: int, concurrency: int, continuous: bool = True):
+        backend = TransformersBackend(str(tiny_llama3), batch_size=batch_size, max_wait_ms=5, continuous=continuous)
         async with backend:
             engine = ConversationEngine(backend, backend.chat_format, cleanup=CleanupOptions(),
                                         multi_turn_system_prompt="You are a helpful assistant.",
@@ -126,10 +157,10 @@ def test_engine_end_to_end_batched_and_deterministic(tiny_llama3):
 
     batched, backend, engine = asyncio.run(run(batch_size=8, concurrency=16))
     assert len(batched) == 16 and not engine.exhausted
-    assert backend.max_batch_seen == 8 and backend.batch_rows / backend.batches > 2
+    assert backend.info().extra["continuous_batching"] and 4 < backend.stats()["mean_batch"] <= 8
     assert all(len(c.turns) == 2 and all(u and a for u, a in c.turns) for c in batched.values())
     assert sum(engine.dropped.values()) == sum(c.attempts - 1 for c in batched.values())
-    small, _, _ = asyncio.run(run(batch_size=3, concurrency=5))
+    small, _, _ = asyncio.run(run(batch_size=3, concurrency=5, continuous=False))
     assert {k: (c.turns, c.attempts) for k, c in small.items()} == {k: (c.turns, c.attempts)
                                                                     for k, c in batched.items()}
 
@@ -154,6 +185,7 @@ def test_qwen_prompts_get_no_bos_and_stop_at_im_end(tiny_qwen):
     assert any(r.finish_reason == "stop" for r in results)
     assert all("<|im_end|>" not in r.text and "<|im_start|>" not in r.text for r in results)
     assert backend.info().extra["dtype"] == "float32" and backend.info().model_id == str(tiny_qwen)
+    assert backend.info().extra["continuous_batching"] and backend.stats()["rows"] == 4
 
 
 def test_bad_options_and_missing_model(tmp_path):

@@ -25,6 +25,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from magpie_hub.backends._decode import ContinuousBatcher, Row, make_generator, sample_rows
 from magpie_hub.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult
 from magpie_hub.errors import BackendError, ModelError
 
@@ -34,47 +35,17 @@ _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp
 
 
 class RowSampler:
-    """Logits processor that picks each row's next token itself (returns 0 there and -inf elsewhere, so the
-    greedy step of ``generate`` takes it): greedy rows take the argmax; sampled rows apply temperature and
-    top-p, then draw one uniform number from the row's own generator (inverse CDF)."""
+    """Logits processor for the ``model.generate`` path: picks each row's next token with
+    :func:`sample_rows` (returns 0 there and -inf elsewhere, so the greedy step of ``generate`` takes it)."""
 
     def __init__(self, temperatures: list[float], top_ps: list[float], seeds: list[int | None]):
-        import torch
-
-        self.temperatures = temperatures
-        self.top_ps = top_ps
-        self.generators = []
-        for seed in seeds:
-            gen = torch.Generator(device="cpu")
-            if seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(int(seed) % (2**64))
-            self.generators.append(gen)
-        self._plain = [r for r, (t, p) in enumerate(zip(temperatures, top_ps, strict=True)) if t > 0.0 and p >= 1.0]
-        self._nucleus = [r for r, (t, p) in enumerate(zip(temperatures, top_ps, strict=True)) if t > 0.0 and p < 1.0]
+        self.temperatures, self.top_ps = temperatures, top_ps
+        self.generators = [make_generator(seed) for seed in seeds]
 
     def __call__(self, input_ids, scores):
         import torch
 
-        scores = scores.float()
-        choice = scores.argmax(dim=-1)
-        for rows, nucleus in ((self._plain, False), (self._nucleus, True)):
-            if not rows:
-                continue
-            u = torch.stack([torch.rand((), generator=self.generators[r], dtype=torch.float64) for r in rows])
-            idx = torch.tensor(rows, device=scores.device)
-            temps = torch.tensor([self.temperatures[r] for r in rows], device=scores.device).unsqueeze(1)
-            probs = torch.softmax(scores[idx] / temps, dim=-1).double()
-            if nucleus:
-                top_p = torch.tensor([self.top_ps[r] for r in rows], dtype=torch.float64, device=scores.device)
-                probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-                keep = (probs.cumsum(-1) - probs) < top_p.unsqueeze(1)   # smallest set with mass >= top_p
-                probs = torch.where(keep, probs, torch.zeros_like(probs))
-            cdf = probs.cumsum(-1)
-            target = (u.to(scores.device) * cdf[:, -1]).unsqueeze(1)
-            pos = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[1] - 1)
-            choice[idx] = (order.gather(1, pos) if nucleus else pos).squeeze(1)
+        choice = sample_rows(scores, self.temperatures, self.top_ps, self.generators)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, choice.unsqueeze(1), 0.0)
         return out
@@ -132,10 +103,10 @@ class TransformersBackend(Backend):
 
     def __init__(self, model: str, *, revision: str | None = None, batch_size: int = 32, dtype: str = "auto",
                  device_map=None, max_wait_ms: float = 20.0, num_threads: int | None = None,
-                 trust_remote_code: bool = False, chat_format=None, **options):
+                 trust_remote_code: bool = False, continuous: bool = True, chat_format=None, **options):
         if options:
             raise BackendError(f"unknown transformers backend option(s): {', '.join(sorted(options))} "
-                               "(use batch_size, dtype, device_map, max_wait_ms, num_threads)")
+                               "(use batch_size, dtype, device_map, max_wait_ms, num_threads, continuous)")
         if int(batch_size) < 1:
             raise BackendError(f"batch_size must be >= 1 (got {batch_size}): fix backend_options.batch_size")
         if dtype != "auto" and dtype not in _DTYPES:
@@ -147,10 +118,16 @@ class TransformersBackend(Backend):
         self.num_threads = num_threads
         self.trust_remote_code = trust_remote_code
         self.chat_format = chat_format
+        self.continuous = bool(continuous)    # continuous batching when the model's cache allows it
         self.model = self.tokenizer = None
+        self._batcher: ContinuousBatcher | None = None
+        self._inbox = self._serving = None
+        self._outstanding: set[asyncio.Future] = set()
         self.batches = 0                      # statistics (bench, tests)
         self.batch_rows = 0
         self.max_batch_seen = 0
+        self.busy_s = 0.0                     # wall time spent inside model.generate batches
+        self.padded_steps = 0                 # rows x decode steps computed (generated tokens <= this)
         self._queue: deque[_Pending] = deque()
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -161,12 +138,34 @@ class TransformersBackend(Backend):
     async def start(self) -> None:
         if self.model is None:
             await asyncio.to_thread(self._load)
-        if self._worker is None or self._worker.done():
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="magpie-generate")
+        if self._worker is not None or self._serving is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="magpie-generate")
+        if self._batcher is not None:
+            import queue
+
+            loop = asyncio.get_running_loop()
+            self._inbox = queue.SimpleQueue()
+            self._serving = loop.run_in_executor(self._executor, self._batcher.run, self._inbox, self._finish_row)
+            self._serving.add_done_callback(self._serving_ended)
+        else:
             self._wake = asyncio.Event()
             self._worker = asyncio.create_task(self._work())
 
+    def _serving_ended(self, serving: asyncio.Future) -> None:
+        exc = serving.exception() if not serving.cancelled() else None
+        for future in list(self._outstanding):       # a crashed decode loop: every waiting caller hears of it
+            if not future.done():
+                if exc is not None:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(GenerationResult("", "error", 0, error="backend closed"))
+
     async def close(self) -> None:
+        if self._serving is not None:
+            self._inbox.put(None)
+            await asyncio.gather(self._serving, return_exceptions=True)
+            self._serving = self._inbox = None
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
@@ -230,12 +229,30 @@ class TransformersBackend(Backend):
         self.device = model.device
         self.dtype = str(dtype).removeprefix("torch.")
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        if self.continuous and ContinuousBatcher.supported(model):
+            self._batcher = ContinuousBatcher(model, batch_size=self.batch_size, pad_id=tok.pad_token_id,
+                                              max_wait=self.max_wait)
 
     # -- requests --------------------------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        if self._worker is None:
+        if self._worker is None and self._serving is None:
             raise BackendError("the transformers backend is not started: use `async with backend:`")
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if self._serving is not None:
+            if self._serving.done():
+                raise BackendError("the transformers backend's decode loop has stopped: restart the build")
+            ids = self._encode(request.prompt)
+            budget = self._budget(request, ids)
+            if budget < 1:
+                return self._too_long(ids)
+            end_ids, criterion = self._row_stops(tuple(request.stop))
+            row = Row(request=request, ids=ids, budget=budget, end_ids=end_ids, criterion=criterion,
+                      deliver=lambda result: loop.call_soon_threadsafe(_settle, future, result))
+            self._outstanding.add(future)
+            future.add_done_callback(self._outstanding.discard)
+            self._inbox.put(row)
+            return await future
         self._queue.append(_Pending(request, future))
         self._wake.set()
         return await future
@@ -292,6 +309,25 @@ class TransformersBackend(Backend):
             self._stop_cache[key] = StopStringCriteria(tokenizer=tok, stop_strings=sorted(strings))
         return ids, (self._stop_cache[key] if strings else None)
 
+    def _budget(self, request: GenerationRequest, ids: list[int]) -> int:
+        budget = request.params.max_new_tokens
+        return budget if self.context is None else min(budget, self.context - len(ids))
+
+    def _too_long(self, ids: list[int]) -> GenerationResult:
+        return GenerationResult("", "error", 0, error=f"prompt of {len(ids)} tokens fills the model's context "
+                                f"({self.context})")
+
+    def _row_stops(self, stop: tuple[str, ...]) -> tuple[set[int], object | None]:
+        ids, criterion = self._stop_plan(stop)
+        return set(self.stop_ids) | set(ids), criterion
+
+    def _finish_row(self, row: Row) -> None:
+        """Decode loop thread: a row is finished; hand its result to the event loop."""
+        result = self._result(row.tokens, len(row.tokens), row.stop_hit, row.budget, row.end_ids,
+                              tuple(row.request.stop))
+        self.batch_rows += 1
+        row.deliver(result)
+
     def _encode(self, prompt: str) -> list[int]:
         fmt, bos = self.chat_format, self.tokenizer.bos_token
         carries_bos = bool(getattr(fmt, "bos_in_template", False)) or bool(bos and prompt.startswith(bos))
@@ -306,12 +342,9 @@ class TransformersBackend(Backend):
         encoded, rows = [], []
         for i, req in enumerate(requests):
             ids = self._encode(req.prompt)
-            budget = req.params.max_new_tokens
-            if self.context is not None:
-                budget = min(budget, self.context - len(ids))
+            budget = self._budget(req, ids)
             if budget < 1:
-                results[i] = GenerationResult("", "error", 0, error=f"prompt of {len(ids)} tokens fills the "
-                                              f"model's context ({self.context})")
+                results[i] = self._too_long(ids)
                 continue
             encoded.append(ids)
             rows.append((i, req, budget))
@@ -345,6 +378,8 @@ class TransformersBackend(Backend):
         for r, (i, req, budget) in enumerate(rows):
             results[i] = self._result(generated[r], done_at[r], stopped[r], budget, end_ids[r], tuple(req.stop))
         self.batches += 1
+        self.busy_s += time.monotonic() - started
+        self.padded_steps += len(rows) * (out.shape[1] - prompt_len)
         self.batch_rows += len(rows)
         self.max_batch_seen = max(self.max_batch_seen, len(rows))
         log.debug("batch of %d rows, %d prompt tokens, %.2fs", len(rows), prompt_len, time.monotonic() - started)
@@ -363,12 +398,26 @@ class TransformersBackend(Backend):
                 text = text[:min(cuts)]
         return GenerationResult(text=text, finish_reason="stop" if stopped else "length", generated_tokens=n)
 
+    def stats(self) -> dict:
+        """Rows served, decode steps and row-steps computed (generated tokens <= row_steps)."""
+        if self._batcher is not None:
+            b = self._batcher
+            return {"rows": self.batch_rows, "steps": b.steps, "row_steps": b.row_steps, "prefills": b.prefills,
+                    "mean_batch": b.row_steps / max(1, b.steps)}
+        return {"rows": self.batch_rows, "steps": self.batches, "row_steps": self.padded_steps,
+                "prefills": self.batches, "mean_batch": self.batch_rows / max(1, self.batches)}
+
     def info(self) -> BackendInfo:
         revision = self.revision
         if revision is None and self.model is not None:
             revision = getattr(self.model.config, "_commit_hash", None)
-        extra = {"batch_size": self.batch_size}
+        extra = {"batch_size": self.batch_size, "continuous_batching": self._batcher is not None}
         if self.model is not None:
             extra.update(dtype=self.dtype, device=str(self.device))
         return BackendInfo(name=self.name, model_id=self.model_id, model_revision=revision,
                            max_concurrency=self.batch_size, extra=extra)
+
+
+def _settle(future: asyncio.Future, result: GenerationResult) -> None:
+    if not future.done():                         # the caller may have been cancelled meanwhile
+        future.set_result(result)
