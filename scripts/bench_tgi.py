@@ -11,7 +11,8 @@
     (its most favourable setting), at each ``--batches`` size; the best is compared.
 
 Turn lengths are geometric with mean ``--mean-tokens`` (default 128: between MAGPIE's short instructions
-and long responses), ending with the eos token or at ``--max-new-tokens``.
+and long responses), ending with the eos token or at ``--max-new-tokens`` (default 1024; MAGPIE's own
+scripts allow 2048-4096: a cap far above the mean, so truncation is rare for both tools).
 Run: ``python scripts/bench_tgi.py [--rows 256] [--rows-a 1024] [--slots 32] [--ms-per-token 5]
 [--skip-distilabel]``. The model is the embedded tiny Llama-3 (its tokenizer and chat template render
 the prompts; the simulated server does not run it).
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--ms-per-token", type=float, default=5.0)
     ap.add_argument("--mean-tokens", type=float, default=128.0, help="simulated mean turn length (tokens)")
-    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--max-concurrent-requests", type=int, default=128, help="server's limit (TGI default)")
     ap.add_argument("--concurrency", type=int, default=256, help="our conversations in flight")
     ap.add_argument("--batches", type=int, nargs="*", default=[50, 128], help="distilabel batch sizes")

@@ -432,3 +432,17 @@ def test_cli_build_with_the_openai_backend(tiny_llama3, tmp_path):
         got = load_rows(tmp_path / "out", name)
         assert len(got) == rows == len({r["uuid"] for r in got})
     assert json.loads((tmp_path / "out" / "magpie_manifest.json").read_text())["backend"]["name"] == "openai"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def test_backoff_grows_with_jitter_and_honours_retry_after():
+    import random
+
+    from magpie_hub.retry import backoff_delay, parse_retry_after
+
+    rng = random.Random(0)
+    delays = [backoff_delay(a, base=0.5, cap=8.0, rng=rng) for a in range(6)]
+    assert all(0.5 * min(8.0, 0.5 * 2**a) <= d <= min(8.0, 0.5 * 2**a) for a, d in enumerate(delays))
+    assert len({round(backoff_delay(3, rng=rng), 6) for _ in range(5)}) == 5
+    assert backoff_delay(0, base=0.1, cap=30, retry_after=7.0) == 7.0
+    assert parse_retry_after("3") == 3.0 and parse_retry_after("soon") is None and parse_retry_after(None) is None
