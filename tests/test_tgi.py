@@ -203,10 +203,13 @@ def test_validation_422_is_fatal_and_prompts_must_fit(tiny_llama3, online):
         long_prompt = PROMPT + "word " * 40
 
         async def scenario():
+            async with TGIBackend(str(tiny_llama3), endpoint=url) as first:
+                with pytest.raises(BackendError, match="does not fit the TGI server"):
+                    await first.generate(req(long_prompt))  # nothing succeeded yet: the run stops
+                with pytest.raises(asyncio.TimeoutError):  # after a fatal error, other requests wait to be cancelled
+                    await asyncio.wait_for(first.generate(req()), 0.5)
             backend = TGIBackend(str(tiny_llama3), endpoint=url)
             async with backend:
-                with pytest.raises(BackendError, match="does not fit the TGI server"):
-                    await backend.generate(req(long_prompt))  # nothing succeeded yet: the run stops
                 clamped = await backend.generate(req(max_new_tokens=500))  # clamped to max_total_tokens
                 later = await backend.generate(req(long_prompt))          # this conversation outgrew the server
                 backend.server["max_stop_sequences"] = 5
@@ -323,6 +326,27 @@ def test_cli_401_ends_the_run_with_one_line(tiny_llama3, tmp_path):
     assert wrong not in proc.stdout + proc.stderr and "hf_serverSideSecret777" not in proc.stdout + proc.stderr
     assert m["tgi_standin_requests"] == 0 and elapsed < 60
     assert not any((tmp_path / "out").glob("*/*.parquet"))
+
+
+def test_cli_stops_within_seconds_when_the_server_dies(tiny_llama3, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama3, "  single_turn: {rows: 200}\n", max_retries=2)
+    with launched(tiny_llama3, "--simulate", "--ms-per-token", "20", "--slots", "4") as (url, server):
+        proc = subprocess.Popen([sys.executable, "-m", "magpie_hub.cli", "build", str(recipe), "--out",
+                                 str(tmp_path / "out"), "--endpoint", url], env=cli_env(online=True),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while metrics(url).get("tgi_standin_success", 0) < 10 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            os.kill(server.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2 and time.monotonic() - killed < 30, stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: lost the TGI server at http://127.0.0.1:"), stderr
+    assert "Traceback" not in stderr, stderr
 
 
 def test_cli_kill9_and_resume_gives_exact_rows(tiny_llama3, tmp_path):

@@ -132,6 +132,7 @@ class TGIBackend(Backend):
         self._tokenizer = None
         self._sem: asyncio.Semaphore | None = None
         self._succeeded = False
+        self._fatal: BackendError | None = None
 
     # ------------------------------------------------------------------------------------ startup
     async def start(self) -> None:
@@ -327,8 +328,21 @@ class TGIBackend(Backend):
         return kwargs
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """One request; the first permanent failure raises, and every other request of the run (in flight or
+        new) then waits to be cancelled: no retries against a dead or refusing server, one error shown."""
         if self._sem is None:
             raise BackendError(f"the {self.name} backend was used before start(); use `async with backend:`")
+        if self._fatal is None:
+            try:
+                return await self._generate(request)
+            except BackendError as exc:
+                if self._fatal is None:
+                    self._fatal = exc
+                    raise
+        await asyncio.Event().wait()  # parked until the run, stopping on self._fatal, cancels this task
+        raise self._fatal
+
+    async def _generate(self, request: GenerationRequest) -> GenerationResult:
         prompt = request.prompt
         if self.strip_prefix and prompt.startswith(self.strip_prefix):
             prompt = prompt[len(self.strip_prefix):]
