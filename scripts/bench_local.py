@@ -7,7 +7,7 @@
    with ``conversation_to_row`` and appended to a JSONL file as the build does): it should stay flat.
 
     python scripts/bench_local.py                     # defaults below; ~3-6 minutes on 2 busy cores
-    python scripts/bench_local.py --batched-rows 512 --batch-size 64 --concurrency 128
+    python scripts/bench_local.py --batch-size 32 --concurrency 64       # the demo recipe's batch size
 """
 
 from __future__ import annotations
@@ -89,13 +89,14 @@ def main() -> None:
     ap.add_argument("--model", default="tiny:llama3")
     ap.add_argument("--turns", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--response-temperature", type=float, default=0.0)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--response-temperature", type=float, default=1.0,
+                    help="1.0 by default: greedy replies of the random-weight tiny model end at once")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=128)
     ap.add_argument("--max-wait-ms", type=float, default=20.0)
     ap.add_argument("--max-attempts", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batched-rows", type=int, default=256)
+    ap.add_argument("--batched-rows", type=int, default=384)
     ap.add_argument("--sequential-rows", type=int, default=32)
     ap.add_argument("--rss-rows", default="100,400")
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
@@ -109,22 +110,27 @@ def main() -> None:
         return
     import torch
 
+    asyncio.run(generate(model, 4, batch_size=4, concurrency=4, args=args))            # warm-up
     print(f"model {args.model}, {args.turns}-turn conversations, max_new_tokens {args.max_new_tokens}, "
           f"response temperature {args.response_temperature}, torch threads {torch.get_num_threads()}, "
           f"cores {os.cpu_count()}")
-    asyncio.run(generate(model, 4, batch_size=4, concurrency=4, args=args))            # warm-up
     seq = asyncio.run(generate(model, args.sequential_rows, batch_size=1, concurrency=1, args=args))
+    gen = asyncio.run(generate(model, args.batched_rows, batch_size=args.batch_size, concurrency=args.concurrency,
+                               args=args, continuous=False))
     bat = asyncio.run(generate(model, args.batched_rows, batch_size=args.batch_size,
                                concurrency=args.concurrency, args=args))
     print()
-    print(f"{'path':<34}{'rows':>6}{'tokens':>9}{'wall s':>9}{'tok/s':>9}{'rows/s':>8}{'mean batch':>12}")
+    print(f"{'path':<40}{'rows':>6}{'tokens':>9}{'wall s':>8}{'tok/s':>8}{'rows/s':>8}{'batch':>7}{'slots':>7}"
+          f"{'ratio':>7}")
     for name, r in (("one conversation at a time", seq),
-                    (f"batched (B={args.batch_size}, C={args.concurrency})", bat)):
-        print(f"{name:<34}{r['rows']:>6}{r['tokens']:>9}{r['wall_s']:>9.1f}{r['tok_s']:>9.0f}{r['rows_s']:>8.2f}"
-              f"{r['mean_batch']:>12.1f}")
+                    (f"model.generate batches B={args.batch_size} C={args.concurrency}", gen),
+                    (f"continuous batching B={args.batch_size} C={args.concurrency}", bat)):
+        print(f"{name:<40}{r['rows']:>6}{r['tokens']:>9}{r['wall_s']:>8.1f}{r['tok_s']:>8.0f}{r['rows_s']:>8.2f}"
+              f"{r['mean_batch']:>7.1f}{r['slot_use']:>7.2f}{r['tok_s'] / seq['tok_s']:>6.1f}x")
     ratio = bat["tok_s"] / seq["tok_s"]
     print(f"throughput ratio batched / sequential: {ratio:.1f}x (goal >= 5x) {'OK' if ratio >= 5 else 'BELOW GOAL'}")
-    print(f"dropped (batched run): {bat['dropped']}")
+    print(f"dropped (batched run): {bat['dropped']}; identical to the generate() path: "
+          f"{bat['dropped'] == gen['dropped'] and bat['tokens'] == gen['tokens']}")
 
     results = []
     for rows in [int(x) for x in args.rss_rows.split(",")]:
