@@ -6,6 +6,7 @@
 * :class:`ContinuousBatcher` is a decode loop over a KV cache (``DynamicCache`` of plain layers): finished
   rows leave the batch at once and queued requests are prefilled and merged in (left-padded), so the
   batch stays full instead of waiting for its longest row, as ``model.generate`` batches do.
+* :class:`RowStopper` is the per-row stopping criterion of the ``model.generate`` fallback path.
 """
 
 from __future__ import annotations
@@ -54,6 +55,45 @@ def sample_rows(scores, temperatures: list[float], top_ps: list[float], generato
         pos = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[1] - 1)
         choice[idx] = (order.gather(1, pos) if is_nucleus else pos).squeeze(1)
     return choice
+
+
+class RowStopper:
+    """Stopping criterion with per-row end-of-turn ids, stop strings and token budgets. Records, per row,
+    how many tokens it generated (``done_at``, the end-of-turn token included) and whether it stopped."""
+
+    def __init__(self, prompt_len: int, max_new: list[int], global_ids: list[int],
+                 groups: list[tuple[list[int], list[int], object | None]], device):
+        import torch
+
+        self.prompt_len = prompt_len
+        self.eos_token_id = global_ids        # the attribute makes generate() pad finished rows
+        self.max_new = torch.tensor(max_new, device=device)
+        self.global_ids = torch.tensor(global_ids or [-1], device=device)
+        self.groups = []
+        for rows, ids, criterion in groups:
+            mask = torch.zeros(len(max_new), dtype=torch.bool, device=device)
+            mask[rows] = True
+            self.groups.append((mask, torch.tensor(ids or [-1], device=device), criterion))
+        self.done_at = torch.full((len(max_new),), -1, dtype=torch.long, device=device)
+        self.stopped = torch.zeros(len(max_new), dtype=torch.bool, device=device)
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        import torch
+
+        n = input_ids.shape[1] - self.prompt_len
+        last = input_ids[:, -1]
+        hit = torch.isin(last, self.global_ids)
+        for mask, ids, criterion in self.groups:
+            row_hit = torch.isin(last, ids)
+            if criterion is not None:
+                row_hit = row_hit | criterion(input_ids, scores).to(row_hit.device)
+            hit = hit | (row_hit & mask)
+        open_rows = self.done_at < 0
+        new_stop = hit & open_rows
+        self.stopped |= new_stop
+        finished = new_stop | (open_rows & (n >= self.max_new))
+        self.done_at = torch.where(finished, torch.full_like(self.done_at, n), self.done_at)
+        return self.done_at >= 0
 
 
 @dataclass

@@ -1,18 +1,21 @@
 """Local generation with transformers, batching concurrent requests dynamically.
 
-Every ``generate()`` call is queued; one worker task groups pending requests (FIFO, up to ``batch_size``,
-waiting at most ``max_wait_ms`` for a batch to fill) and runs ``model.generate`` on them in a worker
-thread. Requests with different sampling settings, stop strings and token budgets share a batch:
+Every ``generate()`` call is queued for one decode thread. Requests with different sampling settings,
+stop strings and token budgets share a batch:
 
-* sampling is done per row by :class:`RowSampler` (a logits processor before greedy selection): each row
-  has its own temperature / top-p and draws from its own ``torch.Generator`` seeded with the request's
-  seed, so a row's text does not depend on the batch it lands in (same recipe + seed -> same rows);
-* stopping is per row by :class:`RowStopper`: the chat format's end-of-turn ids, the request's stop
-  strings (single special tokens by id, other strings with transformers' ``StopStringCriteria``) and
-  the request's own ``max_new_tokens``; finished rows are padded by ``generate``.
+* continuous batching (default, models whose KV cache is a plain ``DynamicCache``): a decode loop
+  (:class:`~magpie_hub.backends._decode.ContinuousBatcher`) lets finished rows leave at once and prefills
+  queued requests into the free slots, so the batch stays full;
+* otherwise (sliding-window caches, or ``continuous=False``): FIFO groups of up to ``batch_size`` (waiting
+  at most ``max_wait_ms`` to fill) run through ``model.generate`` with :class:`RowSampler` and
+  :class:`~magpie_hub.backends._decode.RowStopper`; finished rows are padded.
 
+In both paths each row samples with its own temperature / top-p and its own ``torch.Generator`` seeded with
+the request's seed, so a row's text does not depend on the batch it lands in (same recipe + seed -> same
+rows); each row stops at the chat format's end-of-turn ids, its request's stop strings (single special
+tokens by id, other strings with transformers' ``StopStringCriteria``) or its own ``max_new_tokens``.
 Prompts are tokenized with ``add_special_tokens=False`` when they already carry the BOS text (never a
-doubled BOS) and left-padded. CPU: fp32; GPU: bf16 and a ``device_map`` (one GPU per data-parallel rank).
+doubled BOS). CPU: fp32; GPU: bf16 and a ``device_map`` (one GPU per data-parallel rank).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from magpie_hub.backends._decode import ContinuousBatcher, Row, make_generator, sample_rows
+from magpie_hub.backends._decode import ContinuousBatcher, Row, RowStopper, make_generator, sample_rows
 from magpie_hub.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult
 from magpie_hub.errors import BackendError, ModelError
 
@@ -49,45 +52,6 @@ class RowSampler:
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, choice.unsqueeze(1), 0.0)
         return out
-
-
-class RowStopper:
-    """Stopping criterion with per-row end-of-turn ids, stop strings and token budgets. Records, per row,
-    how many tokens it generated (``done_at``, the end-of-turn token included) and whether it stopped."""
-
-    def __init__(self, prompt_len: int, max_new: list[int], global_ids: list[int],
-                 groups: list[tuple[list[int], list[int], object | None]], device):
-        import torch
-
-        self.prompt_len = prompt_len
-        self.eos_token_id = global_ids        # the attribute makes generate() pad finished rows
-        self.max_new = torch.tensor(max_new, device=device)
-        self.global_ids = torch.tensor(global_ids or [-1], device=device)
-        self.groups = []
-        for rows, ids, criterion in groups:
-            mask = torch.zeros(len(max_new), dtype=torch.bool, device=device)
-            mask[rows] = True
-            self.groups.append((mask, torch.tensor(ids or [-1], device=device), criterion))
-        self.done_at = torch.full((len(max_new),), -1, dtype=torch.long, device=device)
-        self.stopped = torch.zeros(len(max_new), dtype=torch.bool, device=device)
-
-    def __call__(self, input_ids, scores=None, **kwargs):
-        import torch
-
-        n = input_ids.shape[1] - self.prompt_len
-        last = input_ids[:, -1]
-        hit = torch.isin(last, self.global_ids)
-        for mask, ids, criterion in self.groups:
-            row_hit = torch.isin(last, ids)
-            if criterion is not None:
-                row_hit = row_hit | criterion(input_ids, scores).to(row_hit.device)
-            hit = hit | (row_hit & mask)
-        open_rows = self.done_at < 0
-        new_stop = hit & open_rows
-        self.stopped |= new_stop
-        finished = new_stop | (open_rows & (n >= self.max_new))
-        self.done_at = torch.where(finished, torch.full_like(self.done_at, n), self.done_at)
-        return self.done_at >= 0
 
 
 @dataclass
@@ -154,6 +118,9 @@ class TransformersBackend(Backend):
 
     def _serving_ended(self, serving: asyncio.Future) -> None:
         exc = serving.exception() if not serving.cancelled() else None
+        if exc is not None and type(exc).__name__ == "OutOfMemoryError":
+            exc = BackendError(f"out of memory with batch_size {self.batch_size}: lower backend_options.batch_size "
+                               "or max_new_tokens")
         for future in list(self._outstanding):       # a crashed decode loop: every waiting caller hears of it
             if not future.done():
                 if exc is not None:
