@@ -19,25 +19,15 @@ Retries, backoff, fail-fast errors and the prompt-fit rules are those of the tgi
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from magpie_hub.backends.base import GenerationResult
-from magpie_hub.backends.tgi import TGIBackend, _one_line, _resolve
+from magpie_hub.backends.tgi import TGIBackend, _one_line, _resolve, secret_from_env
 from magpie_hub.errors import BackendError
 
 CHAT_ONLY = ("offers no raw text completion (POST /v1/completions -> {status}: {detail}); MAGPIE needs raw "
              "completion of a chat-template prefix, which a chat-only API cannot do (it applies the chat template "
              "itself and answers as the assistant); serve the model with vLLM, SGLang or llama.cpp's server "
              "(they offer /v1/completions) or with TGI (backend: tgi)")
-
-
-def _api_key_from_env() -> str | None:
-    key = os.environ.get("OPENAI_API_KEY")
-    if not key and Path(".env").is_file():
-        from dotenv import dotenv_values
-
-        key = dotenv_values(".env").get("OPENAI_API_KEY")
-    return key or None
 
 
 class OpenAICompletionsBackend(TGIBackend):
@@ -54,12 +44,9 @@ class OpenAICompletionsBackend(TGIBackend):
         if endpoint and endpoint.rstrip("/").endswith("/v1"):
             endpoint = endpoint.rstrip("/")[: -len("/v1")]
         super().__init__(model, revision=revision, endpoint=endpoint, token=None, **options)
-        self._token = api_key or _api_key_from_env()
+        self._token = api_key or secret_from_env("OPENAI_API_KEY")
         self.served_model = served_model
         self._http = None
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     async def start(self) -> None:
         import httpx2
@@ -79,24 +66,8 @@ class OpenAICompletionsBackend(TGIBackend):
             await self._http.aclose()
             self._http = None
 
-    async def _get(self, route: str):
-        import httpx2
-
-        for attempt in range(4):
-            try:
-                resp = await self._http.get(route)
-                if resp.status_code != 503:
-                    return resp
-                reason = f"GET {route} -> 503"
-            except httpx2.TransportError as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-            if attempt == 3:
-                raise BackendError(f"cannot reach the {self.server_kind} at {self.url} ({_one_line(reason, 120)}); "
-                                   "check --endpoint and that the server is running")
-            await self._sleep_backoff(attempt)
-
     async def _models(self) -> list[dict]:
-        resp = await self._get("/v1/models")
+        resp = await self._get_ready(self._http, "/v1/models")
         self._raise_for_auth(resp.status_code, "GET /v1/models", key_name="OPENAI_API_KEY")
         try:
             data = resp.json().get("data") if resp.status_code == 200 else None

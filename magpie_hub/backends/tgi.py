@@ -48,13 +48,15 @@ class _TooLong(Exception):
     """The server refused a prompt for its length (its own count is the authority)."""
 
 
-def _token_from_env() -> str | None:
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if not token and Path(".env").is_file():
+def secret_from_env(*names: str) -> str | None:
+    """The first of ``names`` set in the environment, else in ``./.env`` (never logged)."""
+    found = next((os.environ[n] for n in names if os.environ.get(n)), None)
+    if not found and Path(".env").is_file():
         from dotenv import dotenv_values
 
-        token = dotenv_values(".env").get("HF_TOKEN")
-    return token or None
+        values = dotenv_values(".env")
+        found = next((values[n] for n in names if values.get(n)), None)
+    return found or None
 
 
 def _resolve(model: str) -> str:
@@ -122,7 +124,7 @@ class TGIBackend(Backend):
         self.timeout, self.max_retries = float(timeout), int(max_retries)
         self.backoff_base, self.backoff_cap = float(backoff_base), float(backoff_cap)
         self.check_model = bool(check_model)
-        self._token = token or _token_from_env()
+        self._token = token or secret_from_env("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
         self._requested_concurrency = max_concurrency
         self.server: dict = {}
         self.strip_prefix: str | None = None
@@ -158,27 +160,32 @@ class TGIBackend(Backend):
         self.max_concurrency = int(limit)
         self._sem = asyncio.Semaphore(self.max_concurrency)
 
-    async def _sleep_backoff(self, attempt: int) -> None:
-        await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=4.0))
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
+
+    async def _get_ready(self, http, route: str):
+        """GET ``route``; a server that is still starting (503, connection refused) gets a few seconds."""
+        import httpx2
+
+        for attempt in range(4):
+            try:
+                resp = await http.get(route)
+                if resp.status_code != 503:
+                    return resp
+                reason = f"GET {route} -> 503 (server not ready)"
+            except httpx2.TransportError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            if attempt == 3:
+                raise BackendError(f"cannot reach the {self.server_kind} at {self.url} ({_one_line(reason, 120)}); "
+                                   "check --endpoint and that the server is running")
+            await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=4.0))
 
     async def _read_info(self) -> dict:
         import httpx2
 
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        async with httpx2.AsyncClient(base_url=self.endpoint, headers=headers, timeout=min(self.timeout, 30.0),
-                                      follow_redirects=True) as http:
-            for attempt in range(4):  # a server that is still starting gets a few seconds
-                try:
-                    health = await http.get("/health")
-                    if health.status_code != 503:
-                        break
-                    reason = "GET /health -> 503 (server not ready)"
-                except httpx2.TransportError as exc:
-                    reason = f"{type(exc).__name__}: {exc}"
-                if attempt == 3:
-                    raise BackendError(f"cannot reach the TGI server at {self.url} ({_one_line(reason, 120)}); "
-                                       "check --endpoint and that the server is running")
-                await self._sleep_backoff(attempt)
+        async with httpx2.AsyncClient(base_url=self.endpoint, headers=self._headers(),
+                                      timeout=min(self.timeout, 30.0), follow_redirects=True) as http:
+            health = await self._get_ready(http, "/health")
             self._raise_for_auth(health.status_code, "GET /health")
             try:
                 info = await http.get("/info")
@@ -251,8 +258,8 @@ class TGIBackend(Backend):
         """Ids the server gives "Hi" (TGI's POST /tokenize), None when it cannot say."""
         import httpx2
 
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        async with httpx2.AsyncClient(base_url=self.endpoint, headers=headers, timeout=min(self.timeout, 30.0)) as h:
+        async with httpx2.AsyncClient(base_url=self.endpoint, headers=self._headers(),
+                                      timeout=min(self.timeout, 30.0)) as h:
             resp = await h.post("/tokenize", json={"inputs": "Hi"})
             data = resp.json() if resp.status_code == 200 else None
         if isinstance(data, list) and data and isinstance(data[0], dict):
