@@ -168,7 +168,8 @@ async def _generate_config(recipe: Recipe, name: str, backend, fmt, indices: lis
 
     engine = ConversationEngine(backend, fmt, cleanup=CleanupOptions(**recipe.cleanup.model_dump()),
                                 multi_turn_system_prompt=recipe.multi_turn_system_prompt,
-                                max_attempts=recipe.max_attempts, concurrency=recipe.concurrency,
+                                max_attempts=recipe.max_attempts,
+                                concurrency=recipe.concurrency or backend.info().max_concurrency or 64,
                                 seed=recipe.seed)
     try:
         async for conv in engine.run(_specs(recipe, name, indices)):

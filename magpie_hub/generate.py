@@ -127,7 +127,11 @@ class ConversationEngine:
                 if not pending:
                     return
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                # task.result() re-raises a backend's permanent error (MagpieError): the run stops
+                # a backend's permanent error (MagpieError) stops the run; every failed task's exception is
+                # retrieved here (no "exception was never retrieved" noise) and the first one is raised
+                errors = [exc for exc in (t.exception() for t in done if not t.cancelled()) if exc is not None]
+                if errors:
+                    raise errors[0]
                 finished = [conv for conv in (task.result() for task in done) if conv is not None]
                 for conv in sorted(finished, key=lambda c: c.spec.index):
                     yield conv

@@ -135,7 +135,8 @@ class Recipe(_Strict):
     max_new_tokens: MaxNewTokens = Field(default_factory=MaxNewTokens)
     cleanup: Cleanup = Field(default_factory=Cleanup)
     max_attempts: int = Field(10, ge=1, le=1000)
-    concurrency: int = Field(64, ge=1, le=100_000)
+    # conversations in flight; None = the backend's own limit (TGI: /info max_concurrent_requests), else 64
+    concurrency: int | None = Field(None, ge=1, le=100_000)
     multi_turn_system_prompt: str = MULTI_TURN_SYSTEM_PROMPT
     category_prompts: dict[str, str] = Field(default_factory=dict)
     configs: dict[str, ConfigRecipe] = Field(min_length=1)
