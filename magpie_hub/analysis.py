@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from magpie_hub.dataset_dir import atomic_write_text, config_names, read_manifest, shard_paths
+from magpie_hub.dataset_dir import atomic_path, atomic_write_text, config_names, read_manifest, shard_paths
 from magpie_hub.errors import DatasetDirError, ModelError
 from magpie_hub.schema import ASSETS_DIR, SPLIT, STATS
 
@@ -151,16 +150,8 @@ def _label(text: object, width: int = 28) -> str:
 
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _plot_lengths(which: str, stats: dict, lengths: dict, path: Path) -> bool:

@@ -11,9 +11,7 @@ before it atomically replaces ``README.md``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from magpie_hub import card_text
 from magpie_hub.analysis import compute_stats, model_label
-from magpie_hub.dataset_dir import config_names, read_manifest, shard_paths
+from magpie_hub.dataset_dir import atomic_path, config_names, read_manifest, shard_paths
 from magpie_hub.errors import DatasetDirError, RecipeError
 from magpie_hub.licenses import is_demo_model, license_for_model, license_from_override
 from magpie_hub.schema import ASSETS_DIR, README, SPLIT, STATS
@@ -251,15 +249,9 @@ def render_card(directory: Path, *, repo: str | None = None, version: str | None
 
 
 def _write_validated(path: Path, text: str, infos: dict[str, dict]) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        validate_card(Path(tmp), infos)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        validate_card(tmp, infos)
     return path
 
 

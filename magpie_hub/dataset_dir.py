@@ -8,10 +8,11 @@ an interrupted write never leaves a half-written shard. Columns are typed with `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,7 @@ def write_config(directory: Path, data: ConfigData, shard_rows: Sequence[int] | 
             pq.write_table(table.slice(offset, rows), tmp)
             offset += rows
         for tmp, final in staged:
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600
             os.replace(tmp, final)
     finally:
         for tmp, _ in staged:
@@ -141,28 +143,30 @@ def write_config(directory: Path, data: ConfigData, shard_rows: Sequence[int] | 
     return [final for _, final in staged]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it becomes ``path`` (mode 0644) in one rename,
+    on failure it is removed. Readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; published files must be readable
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
