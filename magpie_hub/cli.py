@@ -73,11 +73,12 @@ def build(
 def tag(
     directory: Annotated[Path, typer.Argument(help="Built dataset directory")],
     step: Annotated[list[str] | None, typer.Option("--step", help="Only run these tag steps")] = None,
+    force: Annotated[bool, typer.Option(help="Recompute steps whose columns already exist")] = False,
 ) -> None:
     """Compute metadata columns (lengths, language, near-duplicates, judge tags) in place."""
     from magpie_hub.tags.runner import tag_dataset
 
-    tag_dataset(directory, steps=step or None)
+    tag_dataset(directory, steps=step or None, force=force)
 
 
 @app.command(name="filter")

@@ -67,6 +67,12 @@ def test_tag_cli_end_to_end(tmp_path, fixtures_dir, minilm_env):
     assert "rows in" not in again.stderr                 # no step ran
     assert snapshot(d) == before
     assert load_dataset(str(d), "single", split="train").column_names == single.column_names
+    # --force recomputes the named step in place: same rows and columns, no duplicates
+    forced = run_cli("tag", str(d), "--step", "lengths", "--force", env=minilm_env, check=True)
+    assert "tag lengths" in forced.stderr and "tag dedup" not in forced.stderr
+    again_rows = load_dataset(str(d), "single", split="train")
+    assert again_rows.column_names == single.column_names and again_rows.num_rows == len(rows)
+    assert again_rows["instruction_length"] == single["instruction_length"]
 
 
 def test_kill_9_resumes_where_it_was(tmp_path, fixtures_dir, minilm_env, monkeypatch):
