@@ -408,7 +408,12 @@ def test_openai_completions_backend(bos_model, tmp_path):
                                                       req(temperature=0.8, top_p=0.95)]))
     assert backend.served_model == str(bos_model) and backend.strip_prefix == BOS
     assert backend.max_concurrency == 64 and backend.info().name == "openai"
-    probe, sampled, greedy, nucleus = (e["body"] for e in logged(log))  # start() probes the route first
+    probe, *sent = (e["body"] for e in logged(log))  # start() probes the route before any request
+    # the three requests are concurrent: identify them by content, not by arrival order
+    assert len(sent) == 3
+    (sampled,) = (b for b in sent if b.get("seed") == 4)
+    (greedy,) = (b for b in sent if b.get("temperature") == 0.0)
+    (nucleus,) = (b for b in sent if b.get("top_p") == 0.95)
     assert probe["max_tokens"] == 1
     assert all(e["path"] == "/v1/completions" and not e["body"]["prompt"].startswith(BOS) for e in logged(log))
     assert sampled["model"] == str(bos_model) and sampled["seed"] == 4 and "top_p" not in sampled

@@ -124,7 +124,7 @@ def test_huggingface_hub_client_parses_the_standin(sim, monkeypatch):
 
 
 def test_auth_overload_and_32_concurrent(tiny_llama3):
-    with launched(tiny_llama3, "--simulate", "--slots", "32", "--ms-per-token", "40", "--mean-tokens", "10",
+    with launched(tiny_llama3, "--simulate", "--slots", "32", "--ms-per-token", "400", "--mean-tokens", "1000",
                   "--max-concurrent-requests", "40", "--token", "s3cret") as (url, _):
         assert call(url, "/info")[0] == 401
         status, out = call(url, "/generate", gen_body(), token="wrong")
@@ -132,7 +132,8 @@ def test_auth_overload_and_32_concurrent(tiny_llama3):
         assert call(url, "/health")[0] == 200
         assert call(url, "/info", token="s3cret")[0] == 200
 
-        body = gen_body(max_new_tokens=8)  # 8 tokens x 40 ms: all 48 requests overlap
+        # 8 tokens x 400 ms = 3.2 s per request: all 48 requests overlap even on a loaded machine
+        body = gen_body(max_new_tokens=8)
         with ThreadPoolExecutor(48) as pool:
             results = list(pool.map(lambda i: call(url, "/generate", dict(body, inputs=f"q{i}"), token="s3cret"),
                                     range(48)))
