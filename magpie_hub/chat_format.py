@@ -27,6 +27,7 @@ from the config's ``added_tokens_decoder`` and ``generation_config.json``.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from collections.abc import Sequence
@@ -173,13 +174,17 @@ class ChatFormat:
         self.has_vocabulary = token_ids is None
         self._token_ids = token_ids
         self.bos_token: str | None = tokenizer.bos_token
+        # templates that print today's date (Llama-3.1+) read `date_string` when it is defined: pinned once
+        # per format, so a run that crosses midnight renders every prompt with the same date
+        self.date_string = datetime.date.today().strftime("%d %b %Y")
         self._derive()
         self._derive_stops(extra_eos_ids)
 
     # -- rendering -------------------------------------------------------------------------------------
     def _render(self, messages: list[dict[str, str]], generation: bool) -> str:
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                                      date_string=self.date_string)
         except Exception as exc:  # jinja2 TemplateError from raise_exception(), or a template bug
             raise ChatFormatError(f"the chat template of {self.model or 'the model'} failed to render "
                                   f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}): "
@@ -212,7 +217,7 @@ class ChatFormat:
         self.supports_system, self._system_error = True, ""
         try:
             rs = self.tokenizer.apply_chat_template([_msg("system", _SYS), _msg("user", _U1)], tokenize=False,
-                                                    add_generation_prompt=True)
+                                                    add_generation_prompt=True, date_string=self.date_string)
         except Exception as exc:  # raise_exception('System role not supported') and the like
             self.supports_system, self._system_error = False, (str(exc).splitlines() or [""])[0][:160]
         else:

@@ -249,3 +249,12 @@ def test_hub_id_from_the_offline_cache(fixtures_dir):
     assert fmt.model == "magpie-test/qwen-cached" and fmt.has_vocabulary
     assert fmt.pre_query.startswith("<|im_start|>system\nYou are Qwen")
     assert set(fmt.stop_token_ids) == {151645, 151643}  # 151643 only from the cached generation_config.json
+
+
+def test_date_in_template_is_pinned_per_format():
+    """Llama-3.2 prints today's date: every prompt of one format uses the date fixed at derivation."""
+    fmt = ChatFormat(tokenizer_from_config(NEW_FAMILIES / "llama-3.2", train=False), "llama-3.2")
+    assert fmt.date_string in fmt.pre_query                        # the template really prints it
+    fmt.date_string = "01 Jan 2000"                                 # as if the clock had moved on
+    later = fmt.user_prompt([("Hi?", "Hello.")], system="Be brief.")
+    assert "01 Jan 2000" in later and fmt.date_string in fmt.assistant_prompt([], "Hi?")
