@@ -21,8 +21,9 @@ from __future__ import annotations
 import os
 
 from magpie_hub.backends.base import GenerationResult
-from magpie_hub.backends.tgi import TGIBackend, _one_line, _resolve, secret_from_env
+from magpie_hub.backends.tgi import TGIBackend, _one_line, secret_from_env
 from magpie_hub.errors import BackendError
+from magpie_hub.tiny_model import resolve_model
 
 CHAT_ONLY = ("offers no raw text completion (POST /v1/completions -> {status}: {detail}); MAGPIE needs raw "
              "completion of a chat-template prefix, which a chat-only API cannot do (it applies the chat template "
@@ -80,7 +81,7 @@ class OpenAICompletionsBackend(TGIBackend):
 
     def _choose_model(self, models: list[dict]) -> None:
         ids = [m["id"] for m in models]
-        ours = _resolve(self.model)
+        ours = resolve_model(self.model)
         wanted = self.served_model or next((i for i in ids if i in (self.model, ours)), None)
         if wanted is None and not self.check_model and len(ids) == 1:
             wanted = ids[0]

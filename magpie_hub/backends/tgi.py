@@ -34,10 +34,9 @@ from collections import Counter
 from urllib.parse import urlsplit
 
 from magpie_hub.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult
-from magpie_hub.backends.tgi_server_info import (  # noqa: F401 - _resolve is re-exported (openai_completions)
+from magpie_hub.backends.tgi_server_info import (  # noqa: F401 - re-exported for openai_completions
     TGIServerInfo,
     _one_line,
-    _resolve,
     public_url,
     secret_from_env,
 )

@@ -17,8 +17,10 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from magpie_hub.chat_format import load_tokenizer
 from magpie_hub.errors import BackendError, redact
 from magpie_hub.retry import backoff_delay
+from magpie_hub.tiny_model import resolve_model
 
 log = logging.getLogger("magpie_hub.backends.tgi")  # the backend's own logger, as before the split
 
@@ -32,15 +34,6 @@ def secret_from_env(*names: str) -> str | None:
         values = dotenv_values(".env")
         found = next((values[n] for n in names if values.get(n)), None)
     return found or None
-
-
-def _resolve(model: str) -> str:
-    """``tiny:*`` aliases -> their local directory (tiny_model's contract); other names unchanged."""
-    try:
-        from magpie_hub.tiny_model import resolve_model
-    except ImportError:  # pragma: no cover - tiny_model ships with the package
-        return model
-    return resolve_model(model)
 
 
 def public_url(url: str) -> str:
@@ -113,7 +106,7 @@ class TGIServerInfo:
     def _check_model(self, served: str | None) -> None:
         if not self.check_model or not served:
             return
-        ours = _resolve(self.model)
+        ours = resolve_model(self.model)
         same = served == ours or served.lower() == ours.lower()
         if not same and Path(served).is_dir() and Path(ours).is_dir():
             same = Path(served).resolve() == Path(ours).resolve()
@@ -127,12 +120,6 @@ class TGIServerInfo:
                                f"revision {rev[:12]}; align them or set check_model: false")
 
     def _load_tokenizer(self):
-        try:
-            from magpie_hub.chat_format import load_tokenizer
-        except ImportError:  # pragma: no cover - chat_format always ships with the package
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(_resolve(self.model), revision=self.revision)
         return load_tokenizer(self.model, revision=self.revision)
 
     async def _bos_to_strip(self) -> str | None:
