@@ -4,15 +4,13 @@
 config, runs the rest (checkpointing each finished chunk / global result under ``DIR/.magpie/tags/``,
 so a ``kill -9`` resumes at the step and config it was in), then rewrites each changed config's shards
 (same count, names and row order; temp file + ``os.replace``), records the ``tags`` section of
-``magpie_manifest.json``, runs ``magpie_hub.analysis.analyze(DIR)`` when that module exists, and
+``magpie_manifest.json``, runs ``magpie_hub.analysis.analyze(DIR)``, and
 re-renders the card. Re-running never duplicates rows or columns.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import json
 import shutil
 import sys
@@ -248,10 +246,11 @@ def _record(directory: Path, ran: list[TagStep], order: list[str]) -> None:
 
 
 def _after(directory: Path) -> None:
-    if importlib.util.find_spec("magpie_hub.analysis") is not None:
-        importlib.import_module("magpie_hub.analysis").analyze(directory)
-    card = importlib.import_module("magpie_hub.card")
-    card.render_card(directory)
+    from magpie_hub.analysis import analyze
+    from magpie_hub.card import render_card
+
+    analyze(directory)
+    render_card(directory)
 
 
 if __name__ == "__main__":  # python -m magpie_hub.tags.runner DIR [STEP...]
