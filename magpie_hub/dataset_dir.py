@@ -31,6 +31,12 @@ def shard_name(index: int, count: int) -> str:
     return f"{SPLIT}-{index:05d}-of-{count:05d}.parquet"
 
 
+def split_rows(rows: int, shards: int) -> list[int]:
+    """Rows per shard: ``rows`` spread over ``shards`` files, the first ones taking the remainder."""
+    base, extra = divmod(rows, shards)
+    return [base + (1 if i < extra else 0) for i in range(shards)]
+
+
 def shard_paths(directory: Path, config: str) -> list[Path]:
     return sorted((Path(directory) / config).glob(f"{SPLIT}-*-of-*.parquet"))
 
@@ -112,7 +118,7 @@ def write_config(directory: Path, data: ConfigData, shard_rows: Sequence[int] | 
         shard_rows = data.shard_rows if sum(data.shard_rows) == n and data.shard_rows else None
     if shard_rows is None:
         count = max(1, -(-n // rows_per_shard))
-        shard_rows = [n // count + (1 if i < n % count else 0) for i in range(count)]
+        shard_rows = split_rows(n, count)
     if sum(shard_rows) != n:
         raise ValueError(f"shard sizes {list(shard_rows)} do not add up to {n} rows")
     table = data.table.cast(data.features.arrow_schema)

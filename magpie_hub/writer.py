@@ -19,7 +19,7 @@ from pathlib import Path
 import datasets as hf_datasets
 from datasets import Dataset, Features
 
-from magpie_hub.dataset_dir import shard_name
+from magpie_hub.dataset_dir import shard_name, split_rows
 from magpie_hub.schema import GENERATION_FEATURES, WORK_DIR
 
 MAX_SHARD_BYTES = 256 * 1024 * 1024   # of JSON row text; parquet shards come out well under this
@@ -27,11 +27,6 @@ MAX_SHARD_BYTES = 256 * 1024 * 1024   # of JSON row text; parquet shards come ou
 
 def shard_count(rows: int, total_bytes: int, max_shard_bytes: int = MAX_SHARD_BYTES) -> int:
     return max(1, min(rows, math.ceil(total_bytes / max_shard_bytes))) if rows else 1
-
-
-def _split(rows: int, shards: int) -> list[int]:
-    base, extra = divmod(rows, shards)
-    return [base + (1 if i < extra else 0) for i in range(shards)]
 
 
 def write_config_shards(out: Path, config: str, rows: Iterable[dict], n_rows: int, *, shards: int = 1,
@@ -47,7 +42,7 @@ def write_config_shards(out: Path, config: str, rows: Iterable[dict], n_rows: in
     hf_datasets.disable_progress_bars()          # the build shows its own progress
     try:
         it: Iterator[dict] = iter(rows)
-        for i, count in enumerate(_split(n_rows, shards)):
+        for i, count in enumerate(split_rows(n_rows, shards)):
             chunk = list(islice(it, count))
             if len(chunk) != count:
                 raise RuntimeError(f"write_config_shards: expected {n_rows} rows for {config}, got fewer")
