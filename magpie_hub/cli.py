@@ -32,7 +32,7 @@ def templates(
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object")] = False,
 ) -> None:
     """Print the chat-format pieces derived from MODEL's own chat template."""
-    from magpie_hub.chat_format import load_chat_format
+    from magpie_hub.chat.format import load_chat_format
 
     fmt = load_chat_format(model, revision=revision, allow_config_only=True)  # strings need no vocabulary
     data = fmt.to_dict(system=system)
@@ -63,7 +63,7 @@ def build(
     fresh: Annotated[bool, typer.Option(help="Discard an existing output/checkpoint in --out")] = False,
 ) -> None:
     """Generate the recipe's configs into a Hub-shaped dataset directory (resumable)."""
-    from magpie_hub.build import run_build
+    from magpie_hub.build.run import run_build
 
     run_build(recipe, out=out, configs=config or None, rows=rows, model=model, backend=backend,
               endpoint=endpoint, fresh=fresh)
@@ -100,7 +100,7 @@ def card(
     version: Annotated[str | None, typer.Option(help="vX.Y.Z for the pinned load_dataset snippet")] = None,
 ) -> None:
     """Render DIR/README.md (dataset card) from the templates in cards/ and validate its YAML."""
-    from magpie_hub.card import render_card
+    from magpie_hub.card.render import render_card
 
     path = render_card(directory, repo=repo, version=version)
     typer.echo(f"wrote {path}")
@@ -117,7 +117,7 @@ def publish(
     dry_run: Annotated[bool, typer.Option(help="Print the operations, write nothing")] = False,
 ) -> None:
     """Push DIR as one atomic commit, then tag it VERSION."""
-    from magpie_hub.publish import publish as do_publish
+    from magpie_hub.hub.publish import publish as do_publish
 
     do_publish(directory, repo=repo, version=version, private=private, branch=branch,
                message=message, dry_run=dry_run)
@@ -126,7 +126,7 @@ def publish(
 @app.command()
 def versions(repo: Annotated[str, typer.Argument(help="ORG/NAME")]) -> None:
     """List the version tags of a published dataset with commit, date and rows per config."""
-    from magpie_hub.versions import list_versions
+    from magpie_hub.hub.versions import list_versions
 
     list_versions(repo)
 
@@ -138,7 +138,7 @@ def diff(
     b: Annotated[str, typer.Argument(help="New version tag")],
 ) -> None:
     """Compare two published versions: configs, rows, columns and tag distributions."""
-    from magpie_hub.versions import diff_versions
+    from magpie_hub.hub.versions import diff_versions
 
     diff_versions(repo, a, b)
 

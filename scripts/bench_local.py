@@ -26,9 +26,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from magpie_hub.backends.base import SamplingParams  # noqa: E402
-from magpie_hub.backends.transformers_backend import TransformersBackend  # noqa: E402
-from magpie_hub.generate import (  # noqa: E402
+from magpie_hub.generate.backends.base import SamplingParams  # noqa: E402
+from magpie_hub.generate.backends.local.transformers import TransformersBackend  # noqa: E402
+from magpie_hub.generate.engine import (  # noqa: E402
     CleanupOptions,
     ConversationEngine,
     ConversationSpec,
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    from magpie_hub.tiny_model import resolve_model
+    from magpie_hub.chat.demo_models import resolve_model
 
     model = resolve_model(args.model)
     if args.rss_child is not None:

@@ -140,7 +140,7 @@ def perturb(text: str, kind: str, rng: random.Random) -> str | None:
 def build_dir(root: Path, texts: list[str], model: str, seed: int) -> dict[str, list[str]]:
     from datasets import Dataset
 
-    from magpie_hub.schema import GENERATION_FEATURES
+    from magpie_hub.dataset.schema import GENERATION_FEATURES
 
     rng = random.Random(seed + 1)
     half = len(texts) // 2

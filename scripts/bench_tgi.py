@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--venv", type=Path, default=Path(os.environ.get("MAGPIE_HUB_CACHE", Path.home() / ".cache"
                                                                        / "magpie-hub")) / "bench" / "distilabel-1.5.3")
     a = ap.parse_args(argv)
-    from magpie_hub.tiny_model import build_tiny_model
+    from magpie_hub.chat.demo_models import build_tiny_model
 
     model_dir = str(build_tiny_model("llama3"))
     capacity = a.slots * 1000.0 / a.ms_per_token

@@ -71,7 +71,7 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama3(fixtures_dir) -> Path:
     """A tiny random-weight Llama-3-style model with the real Llama-3 chat template (from the fixture)."""
-    from magpie_hub.tiny_model import build_tiny_model
+    from magpie_hub.chat.demo_models import build_tiny_model
 
     return build_tiny_model("llama3", chat_template_from=fixtures_dir / "llama-3-8b-instruct")
 
@@ -79,6 +79,6 @@ def tiny_llama3(fixtures_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen(fixtures_dir) -> Path:
     """A tiny random-weight model with the real Qwen2.5 tokenizer and chat template (from the fixture)."""
-    from magpie_hub.tiny_model import build_tiny_model
+    from magpie_hub.chat.demo_models import build_tiny_model
 
     return build_tiny_model("qwen2.5", tokenizer_from=fixtures_dir / "qwen2.5-instruct")

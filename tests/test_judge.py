@@ -14,7 +14,7 @@ from conftest import cli_env, run_cli
 from datasets import Dataset
 
 from magpie_hub.errors import RecipeError
-from magpie_hub.schema import GENERATION_FEATURES
+from magpie_hub.dataset.schema import GENERATION_FEATURES
 from magpie_hub.tags import TagContext, step_class
 from magpie_hub.tags.judge import (
     DIFFICULTIES,
@@ -240,7 +240,7 @@ def test_bad_input(tmp_path, tiny_llama3):
 
 
 def test_scripted_backend_cycles_and_reports_unmatched(tmp_path):
-    from magpie_hub.backends import GenerationRequest, SamplingParams, get_backend
+    from magpie_hub.generate.backends import GenerationRequest, SamplingParams, get_backend
 
     path = write_answers(tmp_path / "a.jsonl", [{"match": "special", "text": "S"}, {"text": "one<|eot_id|>x"},
                                                 {"text": "two", "finish_reason": "length"}])

@@ -71,7 +71,7 @@ def write_dataset(directory: Path, tag: str, configs: dict[str, int], *, manifes
         (directory / rel).write_text(text)
     if manifest:
         (directory / "magpie_manifest.json").write_text(json.dumps({"model": {"id": "tiny:llama3"}}))
-        from magpie_hub.card import render_card
+        from magpie_hub.card.render import render_card
 
         render_card(directory)
     else:
@@ -309,7 +309,7 @@ def test_concurrent_push_fails_loudly(hub, tmp_path):
     write_dataset(d, "b", {"single_turn": 3})
     code = f"""
 import sys
-import magpie_hub.publish as P
+import magpie_hub.hub.publish as P
 from huggingface_hub import HfApi
 real = P.make_plan
 def racing_plan(local, remote):  # runs after publish read the head: another client commits now
@@ -361,7 +361,7 @@ def test_xet_needs_to_be_disabled_for_a_hub_without_xet(hub, tmp_path):
 @pytest.mark.parametrize("case", ["missing", "no_readme", "no_config", "bad_version", "bad_repo"])
 def test_bad_input_is_refused_before_any_network(tmp_path, case):
     from magpie_hub.errors import MagpieError
-    from magpie_hub.publish import publish as do_publish
+    from magpie_hub.hub.publish import publish as do_publish
 
     d = tmp_path / "ds"
     if case != "missing":

@@ -11,7 +11,7 @@ from conftest import ROOT, run_cli
 
 from magpie_hub.cli import main
 from magpie_hub.errors import RecipeError
-from magpie_hub.recipe import (
+from magpie_hub.recipe.schema import (
     BUILTIN_CATEGORY_PROMPTS,
     MULTI_TURN_SYSTEM_PROMPT,
     exact_counts,

@@ -12,7 +12,7 @@ import pytest
 from datasets import Dataset, load_dataset
 
 from magpie_hub.errors import DatasetDirError, MagpieError, ModelError, RecipeError
-from magpie_hub.schema import GENERATION_FEATURES
+from magpie_hub.dataset.schema import GENERATION_FEATURES
 
 ENGLISH = ["Explain how photosynthesis works in simple terms.",
            "Write a short poem about the sea at night.",

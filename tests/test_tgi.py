@@ -19,8 +19,8 @@ import pytest
 from conftest import cli_env, run_cli
 from tgi_server import launched
 
-from magpie_hub.backends.base import GenerationRequest, SamplingParams
-from magpie_hub.backends.tgi import TGIBackend
+from magpie_hub.generate.backends.base import GenerationRequest, SamplingParams
+from magpie_hub.generate.backends.http.tgi import TGIBackend
 from magpie_hub.errors import BackendError, RecipeError
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,9 @@ def test_server_info_bos_strip_and_valid_parameters(bos_model, tmp_path, online)
             req(temperature=0.7, top_p=0.9, seed=2**64 + 3)]))
         assert backend.max_concurrency == 7 and backend.strip_prefix == BOS
         assert asyncio.run(_start_limit(TGIBackend(str(bos_model), endpoint=url, max_concurrency=3))) == 3
-    sampled, greedy, nucleus = (entry["body"] for entry in logged(log))
+    by_seed = {entry["body"]["parameters"].get("seed"): entry["body"] for entry in logged(log)}
+    # the requests run concurrently: identify them by seed (greedy sends none), not by arrival order
+    sampled, greedy, nucleus = by_seed[5], by_seed[None], by_seed[3]
     assert all(not e["body"]["inputs"].startswith(BOS) for e in logged(log))
     first_ids = logged(log)[0]["input_ids"]
     assert first_ids.count(first_ids[0]) == 1  # exactly one BOS reached the model
@@ -398,7 +400,7 @@ def test_cli_build_through_the_model_backed_server(tiny_llama3, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- openai
 def test_openai_completions_backend(bos_model, tmp_path):
-    from magpie_hub.backends.openai_completions import OpenAICompletionsBackend
+    from magpie_hub.generate.backends.http.openai import OpenAICompletionsBackend
 
     log = tmp_path / "req.jsonl"
     with launched(bos_model, "--simulate", "--ms-per-token", "0", "--log-requests", str(log)) as (url, _):
@@ -424,7 +426,7 @@ def test_openai_completions_backend(bos_model, tmp_path):
 
 
 def test_openai_chat_only_server_is_explained(tiny_llama3):
-    from magpie_hub.backends.openai_completions import OpenAICompletionsBackend
+    from magpie_hub.generate.backends.http.openai import OpenAICompletionsBackend
 
     with launched(tiny_llama3, "--simulate", "--chat-only") as (url, _):
         with pytest.raises(BackendError, match="offers no raw text completion.*chat-only API cannot") as err:
@@ -433,7 +435,7 @@ def test_openai_chat_only_server_is_explained(tiny_llama3):
 
 
 def test_openai_model_choice_and_api_key(tiny_llama3, monkeypatch):
-    from magpie_hub.backends.openai_completions import OpenAICompletionsBackend
+    from magpie_hub.generate.backends.http.openai import OpenAICompletionsBackend
 
     with launched(tiny_llama3, "--simulate", "--model-id", "served-llama", "--token", "sk-local-key-123") as (url, _):
         monkeypatch.setenv("HF_TOKEN", "sk-local-key-123")  # a Hub token is never sent to such a server

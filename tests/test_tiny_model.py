@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from magpie_hub.chat_format import load_chat_format
+from magpie_hub.chat.format import load_chat_format
 from magpie_hub.errors import ModelError
-from magpie_hub.tiny_model import QWEN_TOKENIZER_ENV, build_tiny_model, resolve_model
+from magpie_hub.chat.demo_models import QWEN_TOKENIZER_ENV, build_tiny_model, resolve_model
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there"}],
@@ -105,7 +105,7 @@ def test_cache_is_reused_and_builds_are_deterministic(tiny_llama3, fixtures_dir,
 
 
 def test_two_processes_building_at_once_share_one_valid_copy(tmp_path):
-    code = ("import sys; from magpie_hub.tiny_model import build_tiny_model; "
+    code = ("import sys; from magpie_hub.chat.demo_models import build_tiny_model; "
             "print(build_tiny_model('llama3', seed=7, cache_dir=sys.argv[1]))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

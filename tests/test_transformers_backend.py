@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from magpie_hub.backends import get_backend
-from magpie_hub.backends.base import GenerationRequest, SamplingParams
-from magpie_hub.backends.transformers_backend import TransformersBackend
+from magpie_hub.generate.backends import get_backend
+from magpie_hub.generate.backends.base import GenerationRequest, SamplingParams
+from magpie_hub.generate.backends.local.transformers import TransformersBackend
 from magpie_hub.errors import BackendError, ModelError
-from magpie_hub.generate import CleanupOptions, ConversationEngine, ConversationSpec
+from magpie_hub.generate.engine import CleanupOptions, ConversationEngine, ConversationSpec
 
 MIXES = [(1.0, 1.0), (1.1, 0.995), (1.25, 0.99), (0.0, 1.0)]   # sampled (plain, nucleus) and greedy rows
 
@@ -25,7 +25,7 @@ def llama_backend(tiny_llama3):
 
 
 def requests_for_llama(backend, path, n: int, **kw) -> list[GenerationRequest]:
-    from magpie_hub.chat_format import load_chat_format
+    from magpie_hub.chat.format import load_chat_format
 
     backend.chat_format = backend.chat_format or load_chat_format(str(path))
     return requests_for(backend, n, **kw)

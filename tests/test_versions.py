@@ -108,7 +108,7 @@ def test_unknown_version_and_repo_are_one_line(published):
 
 
 def test_layout_names_match_schema():
-    from magpie_hub import publish as p
-    from magpie_hub import schema
+    from magpie_hub.hub import publish as p
+    from magpie_hub.dataset import schema
 
     assert (p.README, p.MANIFEST, p.SPLIT) == (schema.README, schema.MANIFEST, schema.SPLIT)

@@ -19,7 +19,7 @@ import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
-from magpie_hub.dataset_dir import (
+from magpie_hub.dataset.directory import (
     ConfigData,
     atomic_write_text,
     config_names,
@@ -30,7 +30,7 @@ from magpie_hub.dataset_dir import (
 from magpie_hub.errors import DatasetDirError
 from magpie_hub.filters.base import COLUMN_HINTS, RuleOutcome, step_for
 from magpie_hub.filters.presets import FilterSpec, load_filter_spec
-from magpie_hub.schema import MANIFEST, SPLIT
+from magpie_hub.dataset.schema import MANIFEST, SPLIT
 
 
 @dataclass
@@ -138,7 +138,7 @@ def filter_dataset(directory: Path | str, preset: str | Path, out: Path | str, *
             write_config(tmp, ConfigData(config, table, [], data[config].features))
         manifest["filter"] = {**report.to_dict(), "input": str(directory)}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        from magpie_hub.card import render_card
+        from magpie_hub.card.render import render_card
 
         render_card(tmp)
         old = None

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from datasets import Features, Value
 
-from magpie_hub.dataset_dir import write_parquet_atomic
+from magpie_hub.dataset.directory import write_parquet_atomic
 from magpie_hub.errors import ModelError, RecipeError
 from magpie_hub.tags.base import Batch, TagStep
 

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from datasets import Features, List, Value
 from rich.console import Console
 
-from magpie_hub.backends.base import GenerationRequest, GenerationResult, SamplingParams
+from magpie_hub.generate.backends.base import GenerationRequest, GenerationResult, SamplingParams
 from magpie_hub.errors import MagpieError, ModelError, RecipeError, redact
 from magpie_hub.tags.base import Batch, TagContext, TagStep
 from magpie_hub.tags.judge_parse import extract_object, free_text, get_key, normalise_label
@@ -141,8 +141,8 @@ class BackendStep(TagStep):
 
     # -- lifecycle ------------------------------------------------------------------------------
     def setup(self) -> None:
-        from magpie_hub.backends import get_backend
-        from magpie_hub.tiny_model import resolve_model
+        from magpie_hub.generate.backends import get_backend
+        from magpie_hub.chat.demo_models import resolve_model
 
         self.resolved = resolve_model(self.model)
         self.prepare(self.resolved)
@@ -259,7 +259,7 @@ class JudgeStep(BackendStep):
     labels: ClassVar[tuple[str, ...]]
 
     def prepare(self, model: str) -> None:
-        from magpie_hub.chat_format import load_chat_format
+        from magpie_hub.chat.format import load_chat_format
 
         try:
             self.chat_format = load_chat_format(model, revision=self.revision)

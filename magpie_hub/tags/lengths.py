@@ -12,7 +12,7 @@ from typing import Any
 
 from datasets import Features, Value
 
-from magpie_hub.dataset_dir import read_config
+from magpie_hub.dataset.directory import read_config
 from magpie_hub.errors import DatasetDirError, ModelError
 from magpie_hub.tags.base import Batch, TagStep
 
@@ -30,8 +30,8 @@ class LengthsStep(TagStep):
     version = "1"
 
     def setup(self) -> None:
-        from magpie_hub.chat_format import load_tokenizer
-        from magpie_hub.tiny_model import resolve_model
+        from magpie_hub.chat.format import load_tokenizer
+        from magpie_hub.chat.demo_models import resolve_model
 
         self.model = self.options.get("model") or self.context.generator_model or self._model_from_rows()
         self.revision = self.options.get("revision") or (

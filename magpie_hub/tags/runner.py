@@ -4,7 +4,7 @@
 config, runs the rest (checkpointing each finished chunk / global result under ``DIR/.magpie/tags/``,
 so a ``kill -9`` resumes at the step and config it was in), then rewrites each changed config's shards
 (same count, names and row order; temp file + ``os.replace``), records the ``tags`` section of
-``magpie_manifest.json``, runs ``magpie_hub.analysis.analyze(DIR)``, and
+``magpie_manifest.json``, runs ``magpie_hub.card.stats.analyze(DIR)``, and
 re-renders the card. Re-running never duplicates rows or columns.
 """
 
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
 
-from magpie_hub.dataset_dir import (
+from magpie_hub.dataset.directory import (
     ConfigData,
     config_names,
     read_config,
@@ -36,7 +36,7 @@ from magpie_hub.dataset_dir import (
     write_parquet_atomic,
 )
 from magpie_hub.errors import DatasetDirError, RecipeError
-from magpie_hub.schema import WORK_DIR
+from magpie_hub.dataset.schema import WORK_DIR
 from magpie_hub.tags import DEFAULT_STEPS, TagContext, TagStep, step_class
 
 REQUIRED_COLUMNS = ("uuid", "instruction", "response", "conversations")
@@ -246,8 +246,8 @@ def _record(directory: Path, ran: list[TagStep], order: list[str]) -> None:
 
 
 def _after(directory: Path) -> None:
-    from magpie_hub.analysis import analyze
-    from magpie_hub.card import render_card
+    from magpie_hub.card.stats import analyze
+    from magpie_hub.card.render import render_card
 
     analyze(directory)
     render_card(directory)

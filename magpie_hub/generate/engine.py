@@ -1,0 +1,250 @@
+"""The MAGPIE conversation engine: one asyncio task per conversation, one backend request per turn.
+
+Semantics (the paper's and the official code's, minus their flaws):
+
+* turn 1, user: ``chat_format.user_prompt([], system=spec.system_prompt)`` — the pre-query template, or the
+  category pre-query with its system prompt; the model writes the instruction itself.
+* every response: ``chat_format.assistant_prompt(history, user)`` WITHOUT any system prompt.
+* turn k+1, user: ``chat_format.user_prompt(history, system=multi_turn_system_prompt)`` (the official
+  multi-turn system prompt + the rendered history + the next user header).
+* user turns stop at ``chat_format.user_stop``, assistant turns at ``chat_format.assistant_stop``.
+* clean-up: strip; drop empty, truncated (finish_reason "length"), instructions ending with ":",
+  texts containing a template stop marker; the official newline stop only as an option.
+* a conversation with any failed/dropped turn is discarded whole (counted by reason in ``dropped``) and
+  regenerated from scratch with new attempt seeds, up to ``max_attempts``; half-made conversations are
+  never yielded (a spec that exhausts its attempts is recorded in ``exhausted`` and not yielded).
+* request seeds depend only on (base seed, uuid, turn, role, attempt): a row's content does not depend on
+  scheduling or on which batch its requests land in.
+* conversations run concurrently (bounded by ``concurrency``); turn k+1 is sent as soon as turn k
+  returns (no lockstep between conversations). Specs are pulled lazily, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import hashlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from magpie_hub.generate.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
+
+Role = Literal["user", "assistant"]
+
+
+@dataclass(frozen=True)
+class ConversationSpec:
+    """One row to generate."""
+
+    config: str
+    index: int
+    uuid: str
+    turns: int
+    category: str | None                 # category name or None
+    system_prompt: str | None            # category system prompt for the FIRST instruction, or None
+    instruction_params: SamplingParams
+    response_params: SamplingParams
+    instruction_stop_newline: bool = False
+
+
+@dataclass
+class Conversation:
+    """A finished conversation: ``turns`` holds cleaned (user, assistant) pairs, one per turn."""
+
+    spec: ConversationSpec
+    turns: list[tuple[str, str]]
+    generated_tokens: int                # tokens of the kept attempt
+    attempts: int                        # 1 = first try succeeded
+
+
+@dataclass(frozen=True)
+class CleanupOptions:
+    strip: bool = True
+    drop_empty: bool = True
+    drop_truncated: bool = True
+    drop_colon_ending: bool = True       # instructions only
+    newline_stop: bool = False           # the official one-line instructions (off by default)
+
+
+def request_seed(base: int, uuid: str, turn: int, role: str, attempt: int) -> int:
+    """A 63-bit request seed that depends only on its arguments (never on scheduling)."""
+    key = f"{base}\x00{uuid}\x00{turn}\x00{role}\x00{attempt}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
+
+
+@dataclass
+class _Dropped(Exception):
+    reason: str
+    tokens: int = 0
+
+
+@dataclass
+class _Attempt:
+    turns: list[tuple[str, str]] = field(default_factory=list)
+    tokens: int = 0
+
+
+class ConversationEngine:
+    """Generates conversations from :class:`ConversationSpec` through any :class:`Backend`."""
+
+    def __init__(self, backend: Backend, chat_format, *, cleanup: CleanupOptions | None = None,
+                 multi_turn_system_prompt: str | None = None, max_attempts: int = 10, concurrency: int = 64,
+                 seed: int = 0):
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.backend = backend
+        self.chat_format = chat_format
+        self.cleanup = cleanup or CleanupOptions()
+        self.multi_turn_system_prompt = multi_turn_system_prompt or None
+        self.max_attempts = max_attempts
+        self.concurrency = concurrency
+        self.seed = seed                                  # used when a spec's params carry no seed
+        self.dropped: collections.Counter = collections.Counter()
+        self.generated_tokens = 0                         # all attempts, kept or dropped
+        self.requests = 0
+        self.exhausted: list[ConversationSpec] = []       # specs that failed max_attempts times
+        self._first_prompts: dict[str | None, str] = {}
+        self._markers = tuple(s for s in getattr(chat_format, "stop", ()) if s and s.strip())
+
+    # -- public --------------------------------------------------------------------------------------------
+    async def run(self, specs: Iterable[ConversationSpec]) -> AsyncIterator[Conversation]:
+        """Yield each conversation as soon as it is finished (completion order, not spec order)."""
+        it = iter(specs)
+        pending: set[asyncio.Task] = set()
+        exhausted_input = False
+        try:
+            while True:
+                while not exhausted_input and len(pending) < self.concurrency:
+                    spec = next(it, None)
+                    if spec is None:
+                        exhausted_input = True
+                        break
+                    pending.add(asyncio.ensure_future(self.conversation(spec)))
+                if not pending:
+                    return
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                # a backend's permanent error (MagpieError) stops the run; every failed task's exception is
+                # retrieved here (no "exception was never retrieved" noise) and the first one is raised
+                errors = [exc for exc in (t.exception() for t in done if not t.cancelled()) if exc is not None]
+                if errors:
+                    raise errors[0]
+                finished = [conv for conv in (task.result() for task in done) if conv is not None]
+                for conv in sorted(finished, key=lambda c: c.spec.index):
+                    yield conv
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def conversation(self, spec: ConversationSpec) -> Conversation | None:
+        """Generate one conversation, regenerating from scratch after a dropped turn; None if exhausted."""
+        if spec.turns < 1:
+            raise ValueError(f"turns must be >= 1 (spec {spec.uuid})")
+        for attempt in range(1, self.max_attempts + 1):
+            state = _Attempt()
+            try:
+                await self._attempt(spec, attempt, state)
+            except _Dropped as drop:
+                self.dropped[drop.reason] += 1
+                continue
+            finally:
+                self.generated_tokens += state.tokens
+            return Conversation(spec=spec, turns=state.turns, generated_tokens=state.tokens, attempts=attempt)
+        self.exhausted.append(spec)
+        return None
+
+    # -- one attempt -----------------------------------------------------------------------------------------
+    def _first_prompt(self, system: str | None) -> str:
+        if system not in self._first_prompts:
+            self._first_prompts[system] = self.chat_format.user_prompt([], system=system)
+        return self._first_prompts[system]
+
+    async def _attempt(self, spec: ConversationSpec, attempt: int, state: _Attempt) -> None:
+        fmt = self.chat_format
+        newline = spec.instruction_stop_newline or self.cleanup.newline_stop
+        for turn in range(1, spec.turns + 1):
+            if turn == 1:
+                prompt = self._first_prompt(spec.system_prompt)
+            else:
+                prompt = fmt.user_prompt(state.turns, system=self.multi_turn_system_prompt)
+            stop = tuple(fmt.user_stop) + (("\n",) if newline else ())
+            user = await self._turn(spec, attempt, turn, "user", prompt, stop, state, newline=newline)
+            prompt = fmt.assistant_prompt(state.turns, user)
+            reply = await self._turn(spec, attempt, turn, "assistant", prompt, tuple(fmt.assistant_stop), state)
+            state.turns.append((user, reply))
+
+    async def _turn(self, spec: ConversationSpec, attempt: int, turn: int, role: Role, prompt: str,
+                    stop: tuple[str, ...], state: _Attempt, *, newline: bool = False) -> str:
+        params = spec.instruction_params if role == "user" else spec.response_params
+        base = params.seed if params.seed is not None else self.seed
+        params = replace(params, seed=request_seed(base, spec.uuid, turn, role, attempt))
+        self.requests += 1
+        result = await self.backend.generate(GenerationRequest(prompt=prompt, params=params, stop=stop, role=role))
+        state.tokens += max(0, int(result.generated_tokens or 0))
+        reason, text = self.clean(result, role, newline=newline)
+        if reason is not None:
+            raise _Dropped(reason)
+        return text
+
+    def clean(self, result: GenerationResult, role: Role, *, newline: bool = False) -> tuple[str | None, str]:
+        """(drop reason or None, cleaned text) for one turn's result."""
+        opts = self.cleanup
+        if result.finish_reason == "error":
+            return "error", ""
+        text, finish = result.text or "", result.finish_reason
+        if newline and role == "user" and "\n" in text:
+            text, finish = text.split("\n", 1)[0], "stop"
+        if finish == "length" and opts.drop_truncated:
+            return "truncated", text
+        if opts.strip:
+            text = text.strip()
+        if opts.drop_empty and not text.strip():
+            return "empty", text
+        if role == "user" and opts.drop_colon_ending and text.rstrip().endswith(":"):
+            return "colon", text
+        if any(marker in text for marker in self._markers):
+            return "role_leak", text              # a template marker inside a turn: roles would mix
+        return None, text
+
+
+@functools.lru_cache(maxsize=256)
+def _pre_query(chat_format, system: str | None) -> str:
+    return chat_format.pre_query if system is None else chat_format.pre_query_system(system)
+
+
+def conversation_to_row(conv: Conversation, *, model: str, chat_format, seed: int,
+                        input_generator: str | None = None) -> dict:
+    """One dataset row (``schema.GENERATION_FEATURES``) from a finished conversation."""
+    spec = conv.spec
+    params = spec.instruction_params
+    turns: Sequence[tuple[str, str]] = conv.turns
+    conversations, messages = [], []
+    for user, reply in turns:
+        conversations += [{"from": "human", "value": user}, {"from": "gpt", "value": reply}]
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    return {
+        "uuid": spec.uuid,
+        "model": model,
+        "gen_input_configs": {
+            "temperature": float(params.temperature),
+            "top_p": float(params.top_p),
+            "seed": int(params.seed if params.seed is not None else seed),
+            "pre_query_template": _pre_query(chat_format, spec.system_prompt),
+            "input_generator": input_generator or model,
+        },
+        "instruction": turns[0][0],
+        "response": turns[0][1],
+        "conversations": conversations,
+        "messages": messages,
+        "turns": len(turns),
+        "category": spec.category,
+    }
+
+
+__all__ = ["CleanupOptions", "Conversation", "ConversationEngine", "ConversationSpec", "conversation_to_row",
+           "request_seed"]
