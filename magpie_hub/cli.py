@@ -1,6 +1,7 @@
-"""The ``magpie-hub`` command line: thin wrappers that parse arguments and call one stage each.
+"""The ``magpie-hub`` command line: thin wrappers that parse arguments and call :mod:`magpie_hub.pipeline`.
 
-Each command lazily imports its stage module so ``magpie-hub --help`` stays fast. A
+Each command imports the pipeline when it runs (it pulls in torch and transformers), so ``magpie-hub
+--help`` and usage errors stay fast. A
 :class:`~magpie_hub.errors.MagpieError` becomes one ``error: ...`` line on stderr and exit code 2.
 """
 
@@ -12,6 +13,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from magpie_hub.errors import MagpieError, redact
 
@@ -32,17 +36,13 @@ def templates(
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object")] = False,
 ) -> None:
     """Print the chat-format pieces derived from MODEL's own chat template."""
-    from magpie_hub.chat.format import load_chat_format
+    from magpie_hub import pipeline  # heavy (transformers): only when a command runs
 
-    fmt = load_chat_format(model, revision=revision, allow_config_only=True)  # strings need no vocabulary
+    fmt = pipeline.chat_format(model, revision=revision)
     data = fmt.to_dict(system=system)
     if as_json:
         typer.echo(json.dumps(data, ensure_ascii=False))
         return
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
     table = Table(title=Text(f"chat format of {model}"), show_lines=True)
     table.add_column("piece")
     table.add_column("value (repr)")
@@ -63,9 +63,9 @@ def build(
     fresh: Annotated[bool, typer.Option(help="Discard an existing output/checkpoint in --out")] = False,
 ) -> None:
     """Generate the recipe's configs into a Hub-shaped dataset directory (resumable)."""
-    from magpie_hub.build.run import run_build
+    from magpie_hub import pipeline  # heavy (torch, transformers): only when a command runs
 
-    run_build(recipe, out=out, configs=config or None, rows=rows, model=model, backend=backend,
+    pipeline.build(recipe, out=out, configs=config or None, rows=rows, model=model, backend=backend,
               endpoint=endpoint, fresh=fresh)
 
 
@@ -76,9 +76,9 @@ def tag(
     force: Annotated[bool, typer.Option(help="Recompute steps whose columns already exist")] = False,
 ) -> None:
     """Compute metadata columns (lengths, language, near-duplicates, judge tags) in place."""
-    from magpie_hub.tags.runner import tag_dataset
+    from magpie_hub import pipeline  # heavy (torch, transformers): only when a command runs
 
-    tag_dataset(directory, steps=step or None, force=force)
+    pipeline.tag(directory, steps=step or None, force=force)
 
 
 @app.command(name="filter")
@@ -88,9 +88,9 @@ def filter_(
     out: Annotated[Path, typer.Option(help="Output directory (same config layout)")],
 ) -> None:
     """Apply a declarative filter recipe, keeping the config layout; report what each rule removed."""
-    from magpie_hub.filters.apply import filter_dataset
+    from magpie_hub import pipeline  # heavy (torch, transformers): only when a command runs
 
-    filter_dataset(directory, preset=preset, out=out)
+    pipeline.filter(directory, preset=preset, out=out)
 
 
 @app.command()
@@ -100,9 +100,9 @@ def card(
     version: Annotated[str | None, typer.Option(help="vX.Y.Z for the pinned load_dataset snippet")] = None,
 ) -> None:
     """Render DIR/README.md (dataset card) from the templates in cards/ and validate its YAML."""
-    from magpie_hub.card.render import render_card
+    from magpie_hub import pipeline  # heavy (torch, transformers): only when a command runs
 
-    path = render_card(directory, repo=repo, version=version)
+    path = pipeline.card(directory, repo=repo, version=version)
     typer.echo(f"wrote {path}")
 
 
@@ -117,16 +117,16 @@ def publish(
     dry_run: Annotated[bool, typer.Option(help="Print the operations, write nothing")] = False,
 ) -> None:
     """Push DIR as one atomic commit, then tag it VERSION."""
-    from magpie_hub.hub.publish import publish as do_publish
+    from magpie_hub import pipeline  # heavy (torch, transformers): only when a command runs
 
-    do_publish(directory, repo=repo, version=version, private=private, branch=branch,
+    pipeline.publish(directory, repo=repo, version=version, private=private, branch=branch,
                message=message, dry_run=dry_run)
 
 
 @app.command()
 def versions(repo: Annotated[str, typer.Argument(help="ORG/NAME")]) -> None:
     """List the version tags of a published dataset with commit, date and rows per config."""
-    from magpie_hub.hub.versions import list_versions
+    from magpie_hub.hub.versions import list_versions  # the Hub client only: no torch for a listing
 
     list_versions(repo)
 
@@ -138,7 +138,7 @@ def diff(
     b: Annotated[str, typer.Argument(help="New version tag")],
 ) -> None:
     """Compare two published versions: configs, rows, columns and tag distributions."""
-    from magpie_hub.hub.versions import diff_versions
+    from magpie_hub.hub.versions import diff_versions  # the Hub client only: no torch for a diff
 
     diff_versions(repo, a, b)
 

@@ -30,6 +30,10 @@ os.environ["MAGPIE_HUB_CACHE"] = str(_SESSION_TMP / "magpie_cache")
 for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "MAGPIE_TGI_ENDPOINT"):
     os.environ.pop(_var, None)
 
+# Tests are an edge (like the CLI): importing the demo models registers the ``tiny:`` references. After the
+# environment above, since huggingface_hub reads it at import.
+from magpie_hub.chat.demo_models import build_tiny_model  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch, tmp_path):
@@ -71,14 +75,10 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama3(fixtures_dir) -> Path:
     """A tiny random-weight Llama-3-style model with the real Llama-3 chat template (from the fixture)."""
-    from magpie_hub.chat.demo_models import build_tiny_model
-
     return build_tiny_model("llama3", chat_template_from=fixtures_dir / "llama-3-8b-instruct")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen(fixtures_dir) -> Path:
     """A tiny random-weight model with the real Qwen2.5 tokenizer and chat template (from the fixture)."""
-    from magpie_hub.chat.demo_models import build_tiny_model
-
     return build_tiny_model("qwen2.5", tokenizer_from=fixtures_dir / "qwen2.5-instruct")

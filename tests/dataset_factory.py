@@ -9,7 +9,8 @@ from pathlib import Path
 
 from datasets import Dataset, Value
 
-from magpie_hub.dataset.schema import GENERATION_FEATURES, MANIFEST
+from magpie_hub.dataset.schema import GENERATION_FEATURES
+from magpie_hub.layout import MANIFEST
 
 WORDS = ("apple banana code python math solve write story explain why how list the river mountain data "
          "graph translate proof garden solar contrast summary").split()

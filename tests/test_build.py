@@ -21,11 +21,12 @@ import pytest
 import yaml
 from conftest import cli_env
 
-from magpie_hub.build.run import run_build
+from magpie_hub import pipeline
 from magpie_hub.build.checkpoint import Checkpoint, PieceWriter
-from magpie_hub.recipe.schema import load_recipe
-from magpie_hub.dataset.schema import GENERATION_FEATURES, MANIFEST
+from magpie_hub.dataset.schema import GENERATION_FEATURES
 from magpie_hub.dataset.shards import shard_count, write_config_shards
+from magpie_hub.layout import MANIFEST
+from magpie_hub.recipe.schema import load_recipe
 
 RECIPE = {
     "name": "test-build",
@@ -66,7 +67,7 @@ def test_build_exact_rows_schema_manifest_and_determinism(tmp_path):
     recipe_path = write_recipe(tmp_path / "r.yaml")
     recipe = load_recipe(recipe_path)
     out = tmp_path / "ds"
-    manifest = run_build(recipe_path, out=out)
+    manifest = pipeline.build(recipe_path, out=out)
 
     for name, cfg in recipe.configs.items():
         ds = datasets.load_dataset(str(out), name, split="train")
@@ -109,7 +110,7 @@ def test_build_exact_rows_schema_manifest_and_determinism(tmp_path):
 
     # the same command again: nothing to do, nothing rewritten
     before = snapshot(out)
-    run_build(recipe_path, out=out)
+    pipeline.build(recipe_path, out=out)
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k.endswith(".parquet")} == \
            {k: v for k, v in before.items() if k.endswith(".parquet")}
@@ -117,7 +118,7 @@ def test_build_exact_rows_schema_manifest_and_determinism(tmp_path):
     # same recipe + seed in another dir (config by config): identical rows
     out2 = tmp_path / "ds2"
     for name in ("mix", "multi_turn"):
-        run_build(recipe_path, out=out2, configs=[name])
+        pipeline.build(recipe_path, out=out2, configs=[name])
     for name in ("mix", "multi_turn"):
         assert rows_of(out2, name) == rows_of(out, name)
     assert sorted(json.loads((out2 / MANIFEST).read_text())["configs"]) == ["mix", "multi_turn"]
@@ -186,10 +187,10 @@ def test_kill_9_then_resume_gives_exact_rows(tmp_path):
     piece = sorted((out / ".magpie" / "build" / "single_turn").glob("rows-*.jsonl"))[0]
     with open(piece, "ab") as fh:
         fh.write(b'{"i": 3, "u": "torn')
-    run_build(recipe_path, out=out)
+    pipeline.build(recipe_path, out=out)
 
     reference = tmp_path / "ref"
-    run_build(write_recipe(tmp_path / "ref.yaml", configs=configs), out=reference)
+    pipeline.build(write_recipe(tmp_path / "ref.yaml", configs=configs), out=reference)
     for name, cfg in configs.items():
         rows = rows_of(out, name)
         assert len(rows) == cfg["rows"] and len({r["uuid"] for r in rows}) == cfg["rows"]
@@ -209,7 +210,7 @@ def test_torchrun_two_processes_exact_rows(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reference = tmp_path / "ref"
-    run_build(recipe_path, out=reference)
+    pipeline.build(recipe_path, out=reference)
     manifest = json.loads((out / MANIFEST).read_text())
     for name, cfg in configs.items():
         rows = rows_of(out, name)
@@ -228,7 +229,7 @@ def test_hf_builder_gives_the_cli_rows(tmp_path):
 
     recipe_path = write_recipe(tmp_path / "r.yaml")
     out = tmp_path / "ds"
-    run_build(recipe_path, out=out, configs=["mix"])
+    pipeline.build(recipe_path, out=out, configs=["mix"])
     builder = MagpieBuilder(recipe=str(recipe_path), config_name="mix", cache_dir=str(tmp_path / "hf_cache"))
     builder.download_and_prepare()
     ds = builder.as_dataset("train")

@@ -9,16 +9,16 @@ import pyarrow.parquet as pq
 import yaml
 from conftest import ROOT
 
-from magpie_hub.build.run import run_build
+from magpie_hub import pipeline
+from magpie_hub.layout import MANIFEST
 from magpie_hub.recipe.schema import load_recipe
-from magpie_hub.dataset.schema import MANIFEST
 
 
 def test_demo_recipe_subset_on_tiny_llama3(tmp_path):
     """The README's demo recipe, 3 rows of single_turn and multi_turn (3 turns), real batched backend."""
     demo = ROOT / "builders" / "demo.yaml"
     out = tmp_path / "demo"
-    manifest = run_build(demo, out=out, configs=["single_turn", "multi_turn"], rows=3)
+    manifest = pipeline.build(demo, out=out, configs=["single_turn", "multi_turn"], rows=3)
     recipe = load_recipe(demo, {"rows": 3})
     for name, turns in (("single_turn", 1), ("multi_turn", 3)):
         ds = datasets.load_dataset(str(out), name, split="train")
@@ -43,7 +43,7 @@ def test_qwen_format_category_and_default_configs(tmp_path, tiny_qwen):
         "configs": {"code": {"rows": 2, "category": "code"}, "single_turn": {"rows": 2}},
     }))
     out = tmp_path / "q"
-    run_build(recipe, out=out)
+    pipeline.build(recipe, out=out)
     rows = pq.read_table(out / "code").to_pylist()
     assert len(rows) == 2 and all(r["category"] == "code" for r in rows)
     pre = rows[0]["gen_input_configs"]["pre_query_template"]
@@ -55,23 +55,26 @@ def test_qwen_format_category_and_default_configs(tmp_path, tiny_qwen):
 
 
 def test_recipe_tags_run_after_generation(tmp_path, monkeypatch):
-    import magpie_hub.tags.runner as runner
-
     calls = []
-    monkeypatch.setattr(runner, "tag_dataset", lambda directory, steps=None, **kw: calls.append(directory))
+
+    def fake_tag(directory, steps=None, **kw):
+        calls.append((directory, steps))
+        return {"ran": [], "skipped": list(steps or []), "rows": {}}
+
+    monkeypatch.setattr(pipeline, "tag_dataset", fake_tag)
     recipe = tmp_path / "t.yaml"
     secret = "hf_" + "Zq7" * 8
     recipe.write_text(yaml.safe_dump({"model": "tiny:llama3", "backend": "dummy", "tags": ["lengths"],
                                       "backend_options": {"token": secret, "api_key": "k-123456"},
                                       "configs": {"single_turn": {"rows": 2}}}))
     out = tmp_path / "t"
-    run_build(recipe, out=out)
-    assert calls == [out]
+    pipeline.build(recipe, out=out)
+    assert calls == [(out, ["lengths"])]                             # the recipe's tags, handed over in memory
     text = (out / MANIFEST).read_text()
     assert secret not in text and "k-123456" not in text           # secrets never reach the manifest
-    assert json.loads((out / MANIFEST).read_text())["recipe"]["tags"] == ["lengths"]   # read by the runner
+    assert json.loads((out / MANIFEST).read_text())["recipe"]["tags"] == ["lengths"]   # recorded
     calls.clear()
     recipe.write_text(yaml.safe_dump({"model": "tiny:llama3", "backend": "dummy",
                                       "configs": {"single_turn": {"rows": 2}}}))
-    run_build(recipe, out=tmp_path / "t2")
+    pipeline.build(recipe, out=tmp_path / "t2")
     assert calls == []

@@ -16,9 +16,9 @@ from huggingface_hub import DatasetCard
 from markdown_it import MarkdownIt
 
 from magpie_hub.card import text as card_text
+from magpie_hub.card.licenses import license_for_model, license_from_override
 from magpie_hub.card.render import render_card, size_category
 from magpie_hub.errors import DatasetDirError, RecipeError
-from magpie_hub.card.licenses import license_for_model, license_from_override
 
 EVIL = ("---\nlicense: mit\ntags: [pwned]\n---\n<script>alert(1)</script> | a | b |\n```\n"
         "# Injected heading\n![x](http://evil.example/x.png) [link](javascript:alert(1)) <img src=x onerror=alert(1)>")

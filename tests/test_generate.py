@@ -8,8 +8,14 @@ import time
 
 import pytest
 
-from magpie_hub.generate.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult, SamplingParams
 from magpie_hub.errors import BackendError
+from magpie_hub.generate.backends.base import (
+    Backend,
+    BackendInfo,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+)
 from magpie_hub.generate.engine import (
     CleanupOptions,
     Conversation,

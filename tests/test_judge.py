@@ -13,8 +13,8 @@ import pytest
 from conftest import cli_env, run_cli
 from datasets import Dataset
 
-from magpie_hub.errors import RecipeError
 from magpie_hub.dataset.schema import GENERATION_FEATURES
+from magpie_hub.errors import RecipeError
 from magpie_hub.tags import TagContext, step_class
 from magpie_hub.tags.judge import (
     DIFFICULTIES,
@@ -125,7 +125,7 @@ def test_scripted_judge_through_the_runner(tmp_path, tiny_llama3):
             "backend_options": {"answers": write_answers(tmp_path / "answers.jsonl", answers)}, "concurrency": 4}
     qids = [f"[Q{i:02d}] instruction {i}" for i in range(1, 10)]
     root = make_rows_dir(tmp_path / "ds", {"a": qids[:5] + [None], "b": qids[5:]})
-    tag_dataset(root, [{"task_category": opts}], analyze=False)
+    tag_dataset(root, [{"task_category": opts}])
 
     a = pq.read_table(root / "a").to_pydict()
     b = pq.read_table(root / "b").to_pydict()
@@ -138,7 +138,7 @@ def test_scripted_judge_through_the_runner(tmp_path, tiny_llama3):
     assert counts == {"rows": 10, "tagged": 4, "unparseable": 1, "off_label": 3, "failed": 1, "no_input": 1}
 
     root2 = make_rows_dir(tmp_path / "ds2", {"c": ["[Q10] sum 2+2", "[Q11] x", "[Q12] y", "[Q13] z"]})
-    tag_dataset(root2, [{"difficulty": opts}, {"quality": opts}], analyze=False)
+    tag_dataset(root2, [{"difficulty": opts}, {"quality": opts}])
     c = pq.read_table(root2 / "c").to_pydict()
     assert c["difficulty"] == ["very easy", None, None, None]
     assert c["intent"][0] == "The user wants x" and c["knowledge"][0] == "arithmetic"
@@ -193,7 +193,7 @@ def test_real_local_transformers_judge(tmp_path, tiny_llama3):
     instructions = [f"Explain topic number {i} in two sentences." for i in range(6)] + [None]
     root = make_rows_dir(tmp_path / "ds", {"single": instructions})
     opts = {"model": str(tiny_llama3), "max_new_tokens": 12, "backend_options": {"batch_size": 8}}
-    tag_dataset(root, [{"quality": opts}], analyze=False)
+    tag_dataset(root, [{"quality": opts}])
     t = pq.read_table(root / "single").to_pydict()
     assert all(v is None or v in QUALITIES for v in t["input_quality"])
     assert all((g is not None) == (v is not None) for g, v in zip(t["quality_generator"], t["input_quality"],
@@ -270,7 +270,7 @@ def test_judge_through_a_tgi_server(tmp_path, tiny_llama3, monkeypatch):
     root = make_rows_dir(tmp_path / "ds", {"single": [f"Question {i}?" for i in range(5)]})
     with launched(tiny_llama3, "--simulate", "--ms-per-token", "0", "--log-requests", str(log)) as (url, _):
         tag_dataset(root, [{"difficulty": {"model": str(tiny_llama3), "backend": "tgi", "endpoint": url,
-                                           "max_new_tokens": 16, "concurrency": 2}}], analyze=False)
+                                           "max_new_tokens": 16, "concurrency": 2}}])
     requests = [json.loads(line)["body"] for line in log.read_text().splitlines()]
     assert len(requests) == 5
     for body in requests:
@@ -291,7 +291,7 @@ def test_secrets_in_options_never_reach_the_manifest(tmp_path, tiny_llama3, monk
     root = make_rows_dir(tmp_path / "ds", {"single": ["q1", "q2"]})
     tag_dataset(root, [{"quality": {"model": str(tiny_llama3), "backend": "scripted",
                                     "backend_options": {"answers": answers, "token": secret,
-                                                        "note": f"x{secret}"}}}], analyze=False)
+                                                        "note": f"x{secret}"}}}])
     text = (root / "magpie_manifest.json").read_text()
     assert secret not in text and "s3cr3t" not in text
     assert json.loads(text)["tags"]["steps"]["quality"]["counts"]["tagged"] == 2

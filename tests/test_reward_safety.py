@@ -14,9 +14,9 @@ import torch
 from datasets import Dataset, Value
 from test_judge import write_answers
 
+from magpie_hub.dataset.schema import GENERATION_FEATURES
 from magpie_hub.errors import DatasetDirError, ModelError, RecipeError
 from magpie_hub.filters.apply import filter_dataset
-from magpie_hub.dataset.schema import GENERATION_FEATURES
 from magpie_hub.tags import TagContext, step_class
 from magpie_hub.tags.runner import tag_dataset
 from magpie_hub.tags.safety import llama_guard_2_prompt
@@ -121,8 +121,7 @@ def test_reward_scores_match_unbatched_reference(tmp_path, tiny_rm):
 def test_reward_step_through_runner_with_base_and_air_filter(tmp_path, tiny_rm):
     base = ["5.", "Leaves.", "Recursion is recursion.", "Hey.", "1, 2, 3.", "No.", "x", "y"]
     root = make_dir(tmp_path / "ds", PAIRS, base=base)
-    tag_dataset(root, [{"reward": {"model": str(tiny_rm), "base_column": "base_output", "inference_batch": 4}}],
-                analyze=False)
+    tag_dataset(root, [{"reward": {"model": str(tiny_rm), "base_column": "base_output", "inference_batch": 4}}])
     t = pq.read_table(root / "single").to_pydict()
     assert t["reward_model"] == [str(tiny_rm)] * 6 + [None, None]
     assert t["instruct_reward"][6:] == [None, None] and t["base_reward"][7] is None
@@ -193,7 +192,7 @@ def test_safety_verdicts_parsed(tmp_path, tiny_guard):
     root = make_dir(tmp_path / "ds", [(f"Q{i}", f"A{i}") for i in range(1, 7)] + [(None, "A7")])
     opts = {"model": str(tiny_guard), "backend": "scripted",
             "backend_options": {"answers": write_answers(tmp_path / "g.jsonl", answers)}}
-    tag_dataset(root, [{"safety": opts}], analyze=False)
+    tag_dataset(root, [{"safety": opts}])
     t = pq.read_table(root / "single").to_pydict()
     assert t["safety"] == ["safe", "unsafe", "unsafe", None, None, None, None]
     assert t["llama_guard_2"] == ["safe", "unsafe\nS2", "Unsafe\nS1,S10", "I cannot judge this.", None, None, None]
@@ -207,7 +206,7 @@ def test_safety_verdicts_parsed(tmp_path, tiny_guard):
 def test_safety_real_transformers_guard(tmp_path, tiny_guard):
     """The real path on a tiny random guard: raw verdicts are noise; every row must be accounted for."""
     root = make_dir(tmp_path / "ds", PAIRS[:5])
-    tag_dataset(root, [{"safety": {"model": str(tiny_guard), "max_new_tokens": 6}}], analyze=False)
+    tag_dataset(root, [{"safety": {"model": str(tiny_guard), "max_new_tokens": 6}}])
     t = pq.read_table(root / "single").to_pydict()
     info = json.loads((root / "magpie_manifest.json").read_text())["tags"]["steps"]["safety"]
     c = info["counts"]

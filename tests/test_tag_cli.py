@@ -109,7 +109,7 @@ def test_kill_9_resumes_where_it_was(tmp_path, fixtures_dir, minilm_env, monkeyp
     assert "lengths: alpha: resumed 1/1" in resumed.stderr and "language: beta: resumed 3/3" in resumed.stderr
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())   # embedded chunks were reused
     monkeypatch.setenv("MAGPIE_HUB_EMBEDDING_MODEL", minilm_env["MAGPIE_HUB_EMBEDDING_MODEL"])
-    tag_dataset(fresh, analyze=False)                                   # an uninterrupted run
+    tag_dataset(fresh)                                   # an uninterrupted run
     for config in rows:
         assert read_rows(d, config) == read_rows(fresh, config)
     assert not (ckpt / "language" / "ckpt").exists()

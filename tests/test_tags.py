@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, load_dataset
 
-from magpie_hub.errors import DatasetDirError, MagpieError, ModelError, RecipeError
 from magpie_hub.dataset.schema import GENERATION_FEATURES
+from magpie_hub.errors import DatasetDirError, MagpieError, ModelError, RecipeError
 
 ENGLISH = ["Explain how photosynthesis works in simple terms.",
            "Write a short poem about the sea at night.",
@@ -92,7 +92,7 @@ def test_lengths_and_language(tagged_dir, qwen_tok):
 
     shard_names = sorted(p.name for p in (tagged_dir / "single").iterdir())
     before = pq.read_table(tagged_dir / "single").column("uuid").to_pylist()
-    result = tag_dataset(tagged_dir, ["lengths", "language"], analyze=False)
+    result = tag_dataset(tagged_dir, ["lengths", "language"])
     assert result["ran"] == ["lengths", "language"] and result["rows"] == {"multi": 1, "single": 9}
 
     tok = AutoTokenizer.from_pretrained(qwen_tok)
@@ -126,7 +126,7 @@ def test_language_unknown_is_null_and_options(tmp_path, qwen_tok):
     rows = [make_row("12345 67890"), make_row("!!!"), make_row(OTHER["FR"]), make_row(ENGLISH[0])]
     d = make_dir(tmp_path / "ds", {"c": rows}, model=qwen_tok,
                  tags=[{"language": {"low_accuracy": True, "languages": ["en", "fr"]}}])
-    tag_dataset(d, analyze=False)   # steps from the recipe recorded in the manifest, with options
+    tag_dataset(d)   # steps from the recipe recorded in the manifest, with options
     got = [r["language"] for r in read_rows(d, "c")]
     assert got == [None, None, "FR", "EN"]
     manifest = json.loads((d / "magpie_manifest.json").read_text())
@@ -137,10 +137,10 @@ def test_language_unknown_is_null_and_options(tmp_path, qwen_tok):
 def test_rerun_is_idempotent(tagged_dir):
     from magpie_hub.tags.runner import tag_dataset
 
-    tag_dataset(tagged_dir, ["lengths", "language"], analyze=False)
+    tag_dataset(tagged_dir, ["lengths", "language"])
     first = snapshot(tagged_dir)
     rows1 = read_rows(tagged_dir, "single")
-    again = tag_dataset(tagged_dir, ["lengths", "language"], analyze=False)
+    again = tag_dataset(tagged_dir, ["lengths", "language"])
     assert again["ran"] == [] and again["skipped"] == ["lengths", "language"]
     assert snapshot(tagged_dir) == first                  # nothing rewritten
     rows2 = read_rows(tagged_dir, "single")
@@ -148,7 +148,7 @@ def test_rerun_is_idempotent(tagged_dir):
     cols = pq.read_schema(next((tagged_dir / "single").glob("*.parquet"))).names
     assert len(cols) == len(set(cols))
     # force recomputes in place: same rows, same columns, no duplicates
-    tag_dataset(tagged_dir, ["language"], force=True, analyze=False)
+    tag_dataset(tagged_dir, ["language"], force=True)
     rows3 = read_rows(tagged_dir, "single")
     assert rows3 == rows1
     assert pq.read_schema(next((tagged_dir / "single").glob("*.parquet"))).names == cols
@@ -157,14 +157,14 @@ def test_rerun_is_idempotent(tagged_dir):
 def test_new_config_only_tags_what_lacks(tagged_dir, qwen_tok):
     from magpie_hub.tags.runner import tag_dataset
 
-    tag_dataset(tagged_dir, ["lengths"], analyze=False)
+    tag_dataset(tagged_dir, ["lengths"])
     single = snapshot(tagged_dir / "single")
     make_dir(tagged_dir / "_tmp", {"extra": [make_row("Another one.", config="extra")]}, model=qwen_tok)
     (tagged_dir / "_tmp" / "extra").rename(tagged_dir / "extra")
     for p in (tagged_dir / "_tmp").iterdir():
         p.unlink()
     (tagged_dir / "_tmp").rmdir()
-    out = tag_dataset(tagged_dir, ["lengths"], analyze=False)
+    out = tag_dataset(tagged_dir, ["lengths"])
     assert out["ran"] == ["lengths"]
     assert snapshot(tagged_dir / "single") == single     # complete configs are not rewritten
     assert read_rows(tagged_dir, "extra")[0]["instruction_chars"] == len("Another one.")
@@ -187,13 +187,13 @@ def test_resume_uses_checkpointed_chunks(tagged_dir, monkeypatch):
     monkeypatch.setattr(language_mod.LanguageStep, "run", dying_run)
     original = snapshot(tagged_dir)
     with pytest.raises(KeyboardInterrupt):
-        tag_dataset(tagged_dir, [{"language": {"batch_size": 2}}], analyze=False)
+        tag_dataset(tagged_dir, [{"language": {"batch_size": 2}}])
     parts = sorted((tagged_dir / ".magpie" / "tags" / "language" / "ckpt" / "multi").glob("part-*.parquet"))
     parts += sorted((tagged_dir / ".magpie" / "tags" / "language" / "ckpt" / "single").glob("part-*.parquet"))
     assert len(parts) == 2                                           # multi: 1 chunk, single: 1 of 5
     assert {k: v for k, v in snapshot(tagged_dir).items() if not k.startswith(".magpie")} == original
     calls["n"] = -100
-    tag_dataset(tagged_dir, [{"language": {"batch_size": 2}}], analyze=False)
+    tag_dataset(tagged_dir, [{"language": {"batch_size": 2}}])
     assert calls["n"] == -100 + 4                                    # only the 4 missing chunks ran
     assert [r["language"] for r in read_rows(tagged_dir, "single")][:3] == ["EN", "EN", "EN"]
 
@@ -241,9 +241,9 @@ def test_no_model_recorded_falls_back_to_model_column(tmp_path, qwen_tok):
     row = make_row("How long is this?")
     row["model"] = qwen_tok
     d = make_dir(tmp_path / "ds", {"c": [row]})
-    tag_dataset(d, ["lengths"], analyze=False)
+    tag_dataset(d, ["lengths"])
     assert read_rows(d, "c")[0]["instruction_length"] > 0
     row["model"] = None
     d2 = make_dir(tmp_path / "ds2", {"c": [row]})
     with pytest.raises(DatasetDirError, match="no generating model"):
-        tag_dataset(d2, ["lengths"], analyze=False)
+        tag_dataset(d2, ["lengths"])

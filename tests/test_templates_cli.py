@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+from magpie_hub.chat.config_tokenizer import tokenizer_from_config
 from magpie_hub.cli import main
-from magpie_hub.chat.demo_models import tokenizer_from_config
 
 NEW_FAMILIES = Path(__file__).parent / "data" / "templates"
 KEYS = ["pre_query", "pre_query_system", "post_query", "follow_up", "stop", "bos_in_template"]

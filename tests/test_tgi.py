@@ -19,9 +19,9 @@ import pytest
 from conftest import cli_env, run_cli
 from tgi_server import launched
 
+from magpie_hub.errors import BackendError, RecipeError
 from magpie_hub.generate.backends.base import GenerationRequest, SamplingParams
 from magpie_hub.generate.backends.http.tgi import TGIBackend
-from magpie_hub.errors import BackendError, RecipeError
 
 pytestmark = pytest.mark.slow
 BOS = "<|begin_of_text|>"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from magpie_hub.chat.demo_models import QWEN_TOKENIZER_ENV, build_tiny_model, resolve_model
 from magpie_hub.chat.format import load_chat_format
 from magpie_hub.errors import ModelError
-from magpie_hub.chat.demo_models import QWEN_TOKENIZER_ENV, build_tiny_model, resolve_model
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there"}],

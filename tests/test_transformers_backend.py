@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
+from magpie_hub.errors import BackendError, ModelError
 from magpie_hub.generate.backends import get_backend
 from magpie_hub.generate.backends.base import GenerationRequest, SamplingParams
 from magpie_hub.generate.backends.local.transformers import TransformersBackend
-from magpie_hub.errors import BackendError, ModelError
 from magpie_hub.generate.engine import CleanupOptions, ConversationEngine, ConversationSpec
 
 MIXES = [(1.0, 1.0), (1.1, 0.995), (1.25, 0.99), (0.0, 1.0)]   # sampled (plain, nucleus) and greedy rows

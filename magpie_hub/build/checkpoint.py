@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from magpie_hub.dataset.directory import atomic_write_text
-from magpie_hub.dataset.schema import WORK_DIR
+from magpie_hub.layout import WORK_DIR
 
 PIECE_GLOB = "rows-*.jsonl"
 

@@ -19,9 +19,11 @@ from pathlib import Path
 import datasets
 import pyarrow.parquet as pq
 
-from magpie_hub.errors import RecipeError
-from magpie_hub.recipe.schema import load_recipe
+from magpie_hub import pipeline
 from magpie_hub.dataset.schema import GENERATION_FEATURES
+from magpie_hub.errors import RecipeError
+from magpie_hub.layout import shard_paths
+from magpie_hub.recipe.schema import load_recipe
 
 CITATION = """@article{xu2024magpie,
   title={Magpie: Alignment Data Synthesis from Scratch by Prompting Aligned LLMs with Nothing},
@@ -73,12 +75,9 @@ class MagpieBuilder(datasets.GeneratorBasedBuilder):
                     f"{self._recipe.name}-{self.config.name}-{self._recipe.fingerprint(self.config.name)[:16]}")
 
     def _split_generators(self, dl_manager):
-        from magpie_hub.build.run import run_build
-        from magpie_hub.dataset.directory import shard_paths
-
         out = self._build_dir()
         cfg = self.config
-        run_build(cfg.recipe, out=out, configs=[cfg.name], rows=cfg.rows, model=cfg.model, backend=cfg.backend,
+        pipeline.build(cfg.recipe, out=out, configs=[cfg.name], rows=cfg.rows, model=cfg.model, backend=cfg.backend,
                   endpoint=cfg.endpoint)
         files = [str(p) for p in shard_paths(out, cfg.name)]
         return [datasets.SplitGenerator(name=datasets.Split.TRAIN, gen_kwargs={"files": files})]

@@ -1,6 +1,6 @@
 """The build: recipe -> checkpointed generation (resumable, data-parallel) -> shards, manifest, card.
 
-``run_build(recipe, out=...)`` validates everything first (recipe, config names, model and chat template,
+``run_build(recipe, recipe_path=..., out=...)`` validates everything first (recipe, config names, model and chat template,
 backend, output dir) and writes nothing into ``out`` on bad input. Then, per config:
 
 1. rank 0 records the config's fingerprint under ``DIR/.magpie/build/{config}/`` (a changed recipe on an
@@ -10,7 +10,7 @@ backend, output dir) and writes nothing into ``out`` on bad input. Then, per con
 3. rank 0 waits for all, then writes exactly ``rows`` rows ordered by index as
    ``{config}/train-0000i-of-0000n.parquet`` (:mod:`magpie_hub.dataset.shards`) and updates the manifest.
 
-Finally the recipe's ``tags:`` run (if any) and the card is rendered. Data-parallel: started under
+Tagging and the card follow in :mod:`magpie_hub.pipeline`, not here. Data-parallel: started under
 ``torchrun --nproc_per_node K`` or ``accelerate launch``, processes coordinate through accelerate's
 ``PartialState`` (gloo on CPU).
 """
@@ -22,20 +22,21 @@ import os
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from magpie_hub.generate.backends import SamplingParams, backend_class, get_backend
 from magpie_hub.build.checkpoint import Checkpoint, PieceWriter, read_rows
-from magpie_hub.errors import DatasetDirError, MagpieError, RecipeError
 from magpie_hub.build.manifest import build_manifest_update, config_entry
 from magpie_hub.build.progress import BuildProgress, summary_table
-from magpie_hub.recipe.schema import Recipe, load_recipe
-from magpie_hub.dataset.schema import MANIFEST, WORK_DIR
 from magpie_hub.dataset.shards import shard_count, write_config_shards
+from magpie_hub.errors import DatasetDirError, MagpieError, RecipeError
+from magpie_hub.generate.backends import SamplingParams, backend_class, get_backend
+from magpie_hub.layout import MANIFEST, WORK_DIR
+from magpie_hub.recipe.schema import Recipe
 
 
 class BuildIncompleteError(MagpieError):
@@ -131,7 +132,7 @@ def check_fingerprints(recipe: Recipe, out: Path, names: list[str], fresh: bool)
 def _validate_chat_format(recipe: Recipe, names: list[str]):
     """Load the model's chat format and check it supports every system prompt the configs need."""
     from magpie_hub.chat.format import load_chat_format
-    from magpie_hub.chat.demo_models import resolve_model
+    from magpie_hub.models import resolve_model
 
     fmt = load_chat_format(resolve_model(recipe.model), revision=recipe.revision)
     for name in names:
@@ -201,13 +202,22 @@ def _merge(recipe: Recipe, out: Path, name: str) -> dict[str, Any]:
     return config_entry(recipe, name, stats, shards=len(paths), rows_by_rank=scan.rows_by_rank())
 
 
-def run_build(recipe: str | Path, *, out: str | Path | None = None, configs: list[str] | None = None,
-              rows: int | None = None, model: str | None = None, backend: str | None = None,
-              endpoint: str | None = None, fresh: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Build ``recipe`` into ``out`` (default ``data/{name}``); returns the manifest. See module doc."""
+@dataclass
+class BuildResult:
+    """What :func:`run_build` hands back: the output directory, the configs it covered and the manifest
+    (empty on ranks other than 0, which leave all writing after generation to rank 0)."""
+
+    out: Path
+    configs: list[str]
+    manifest: dict[str, Any]
+    main: bool
+
+
+def run_build(rec: Recipe, *, recipe_path: Path, out: str | Path | None = None, configs: list[str] | None = None,
+              fresh: bool = False, console: Console | None = None) -> BuildResult:
+    """Build the loaded recipe ``rec`` (read from ``recipe_path``) into ``out`` (default ``data/{name}``)."""
     started = time.monotonic()
-    recipe_path = Path(recipe)
-    rec = load_recipe(recipe_path, {"rows": rows, "model": model, "backend": backend, "endpoint": endpoint})
+    recipe_path = Path(recipe_path)
     names = rec.select(configs)
     out = Path(out) if out is not None else Path("data") / rec.name
     backend_class(rec.backend)                      # unknown backend -> RecipeError
@@ -259,20 +269,13 @@ def run_build(recipe: str | Path, *, out: str | Path | None = None, configs: lis
 
     asyncio.run(main())
     if not dist.main:
-        return {}
+        return BuildResult(out, names, {}, False)
     manifest = build_manifest_update(out, rec, recipe_path, fmt, bk.info(), {}, dist.world)
-    if rec.tags:
-        from magpie_hub.tags.runner import tag_dataset
-
-        tag_dataset(out)
-    from magpie_hub.card.render import render_card
-
-    render_card(out)
     shown = {n: {**(manifest.get("configs") or {}).get(n, {}), "new_rows": entries.get(n, {}).get("new_rows", 0)}
              for n in names}
     console.print(summary_table(shown, run_wall_s=time.monotonic() - started))
     console.print(f"wrote {out}", highlight=False)
-    return manifest
+    return BuildResult(out, names, manifest, True)
 
 
 def _prepare(rec: Recipe, out: Path, names: list[str], status: dict[str, str], fresh: bool) -> None:

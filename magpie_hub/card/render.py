@@ -22,11 +22,11 @@ from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from magpie_hub.card import text as card_text
-from magpie_hub.card.stats import compute_stats, model_label
-from magpie_hub.dataset.directory import atomic_path, config_names, read_manifest, shard_paths
-from magpie_hub.errors import DatasetDirError, RecipeError
 from magpie_hub.card.licenses import is_demo_model, license_for_model, license_from_override
-from magpie_hub.dataset.schema import ASSETS_DIR, README, SPLIT, STATS
+from magpie_hub.card.stats import compute_stats, model_label
+from magpie_hub.dataset.directory import atomic_path, read_manifest
+from magpie_hub.errors import DatasetDirError, RecipeError
+from magpie_hub.layout import ASSETS_DIR, README, REPO_RE, SPLIT, STATS, VERSION_RE, config_names, shard_paths
 
 TEMPLATE = "dataset_card.md.j2"
 REPO_PLACEHOLDER = "ORG/NAME"       # shown in the loading snippet until the publisher passes repo=
@@ -34,8 +34,6 @@ VERSION_PLACEHOLDER = "vX.Y.Z"      # ... and version=
 DEFAULT_CONFIG = "single_turn"
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))
-_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-_VERSION_RE = re.compile(r"^v\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?$")
 _LANG_RE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
 _TASK_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _ASSET_RE = re.compile(rf"^{ASSETS_DIR}/[A-Za-z0-9_-]+\.png$")
@@ -210,9 +208,9 @@ def render_card(directory: Path, *, repo: str | None = None, version: str | None
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetDirError(f"{directory} is not a directory (give a dataset directory written by build)")
-    if repo is not None and not _REPO_RE.match(repo):
+    if repo is not None and not REPO_RE.match(repo):
         raise DatasetDirError(f"repo {repo!r} is not ORG/NAME")
-    if version is not None and not _VERSION_RE.match(version):
+    if version is not None and not VERSION_RE.match(version):
         raise DatasetDirError(f"version {version!r} is not vX.Y.Z")
     names = config_names(directory)
     if not names:

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from magpie_hub.dataset.directory import atomic_path, atomic_write_text, config_names, read_manifest, shard_paths
+from magpie_hub.dataset.directory import atomic_path, atomic_write_text, read_manifest
 from magpie_hub.errors import DatasetDirError, ModelError
-from magpie_hub.dataset.schema import ASSETS_DIR, SPLIT, STATS
+from magpie_hub.layout import ASSETS_DIR, SPLIT, STATS, config_names, shard_paths
 
 STATS_VERSION = 1
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-mpnet-base-v2"  # the paper's dedup model

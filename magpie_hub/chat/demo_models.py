@@ -19,10 +19,17 @@ import json
 import os
 import shutil
 import tempfile
-from importlib import resources
 from pathlib import Path
 
+import torch
+from huggingface_hub import try_to_load_from_cache
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.utils import logging as hf_logging
+
+from magpie_hub.chat.config_tokenizer import BPE_VOCAB, fast_tokenizer, package_data, read_chat_template
+from magpie_hub.chat.format import ChatFormat
 from magpie_hub.errors import ModelError
+from magpie_hub.models import generation_eos_ids, load_tokenizer, register_scheme
 
 BUILD_VERSION = 2
 TURN_TOKENS = 48  # target mean length of a sampled turn
@@ -31,7 +38,7 @@ LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
                    "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
                    "<|reserved_special_token_4|>", "<|eot_id|>")
-LLAMA3_VOCAB = 2000
+LLAMA3_VOCAB = BPE_VOCAB
 LOGIT_STD = 1.5  # spread of the random logits: P(end of turn) then varies little with the context
 QWEN_TOKENIZER_ENV = "MAGPIE_HUB_TINY_QWEN_TOKENIZER"
 _QWEN_HUB_ID = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -39,96 +46,11 @@ _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "me
                     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
-def _data(name: str) -> bytes:
-    return resources.files("magpie_hub").joinpath("data", name).read_bytes()
-
-
-def _token_text(value) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def read_chat_template(directory: str | Path) -> str:
-    """The chat template stored in a tokenizer folder (chat_template.jinja or tokenizer_config.json)."""
-    directory = Path(directory)
-    if (directory / "chat_template.jinja").is_file():
-        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    try:
-        cfg = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except OSError:
-        raise ModelError(f"{directory} has no tokenizer_config.json: pass a folder with a chat template") from None
-    except ValueError:
-        raise ModelError(f"{directory}/tokenizer_config.json is not valid JSON: fix the file") from None
-    template = cfg.get("chat_template")
-    if isinstance(template, list):  # named templates: use "default"
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    if not template and (directory / "chat_template.json").is_file():
-        template = json.loads((directory / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-    if not template:
-        raise ModelError(f"{directory} has no chat template (tokenizer_config.json 'chat_template'): "
-                         "use an instruction-tuned model's tokenizer folder")
-    return template
-
-
-def _byte_level_bpe(vocab_size: int, train: bool):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if train:
-        tk = Tokenizer(models.BPE())
-    else:
-        tk = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    if train:
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
-        tk.train_from_iterator(_data("tiny_corpus.txt").decode("utf-8").splitlines(), trainer=trainer)
-    return tk
-
-
-def _fast_tokenizer(specials: list[tuple[str, bool]], named: dict[str, str | None], template: str,
-                    *, train: bool, vocab_size: int = LLAMA3_VOCAB):
-    """A PreTrainedTokenizerFast over a byte-level BPE plus ``specials`` (content, special) in order."""
-    from tokenizers import AddedToken
-    from transformers import PreTrainedTokenizerFast
-
-    tk = _byte_level_bpe(vocab_size, train)
-    for content, special in specials:
-        tk.add_tokens([AddedToken(content, special=special, normalized=False)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, **{k: v for k, v in named.items() if v})
-    tok.chat_template = template
-    return tok
-
-
-def tokenizer_from_config(directory: str | Path, *, train: bool = True):
-    """A tokenizer for a config-only folder (no vocabulary): a small byte-level BPE (``train=False``:
-    bytes only, instant), the config's special/added tokens, and its chat template. Strings render
-    exactly like the real tokenizer's; token ids are NOT the model's."""
-    directory = Path(directory)
-    template = read_chat_template(directory)
-    cfg_path = directory / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-    stm_path = directory / "special_tokens_map.json"
-    stm = json.loads(stm_path.read_text(encoding="utf-8")) if stm_path.is_file() else {}
-    named = {key: _token_text(cfg.get(key)) or _token_text(stm.get(key))
-             for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    specials: list[tuple[str, bool]] = []
-    decoder = cfg.get("added_tokens_decoder") or {}
-    for _, entry in sorted(decoder.items(), key=lambda kv: int(kv[0])):
-        specials.append((entry["content"], bool(entry.get("special", True))))
-    extra = cfg.get("additional_special_tokens") or stm.get("additional_special_tokens") or []
-    specials += [(t, True) for t in map(_token_text, [*named.values(), *extra]) if t]
-    seen: set[str] = set()
-    specials = [s for s in specials if not (s[0] in seen or seen.add(s[0]))]
-    return _fast_tokenizer(specials, named, template, train=train)
-
-
 def _llama3_tokenizer(chat_template_from):
     template = (read_chat_template(chat_template_from) if chat_template_from
-                else _data("llama3_chat_template.jinja").decode("utf-8"))
+                else package_data("llama3_chat_template.jinja").decode("utf-8"))
     named = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
-    return _fast_tokenizer([(t, True) for t in LLAMA3_SPECIALS], named, template, train=True)
+    return fast_tokenizer([(t, True) for t in LLAMA3_SPECIALS], named, template, train=True)
 
 
 def _hash_sources(paths: list[Path]) -> dict[str, str]:
@@ -143,8 +65,6 @@ def _default_qwen_tokenizer() -> Path:
     env = os.environ.get(QWEN_TOKENIZER_ENV)
     if env:
         return Path(env)
-    from huggingface_hub import try_to_load_from_cache
-
     found = try_to_load_from_cache(_QWEN_HUB_ID, "tokenizer_config.json")
     if isinstance(found, str):
         return Path(found).parent
@@ -169,8 +89,8 @@ def build_tiny_model(family: str, *, chat_template_from=None, tokenizer_from=Non
             raise ModelError("tiny llama3 trains its own tokenizer: pass chat_template_from=DIR, not tokenizer_from")
         src = Path(chat_template_from) if chat_template_from else None
         sources = [src / "tokenizer_config.json", src / "chat_template.jinja"] if src else []
-        hashes = {"corpus": hashlib.sha256(_data("tiny_corpus.txt")).hexdigest(),
-                  "template": hashlib.sha256(_data("llama3_chat_template.jinja")).hexdigest(),
+        hashes = {"corpus": hashlib.sha256(package_data("tiny_corpus.txt")).hexdigest(),
+                  "template": hashlib.sha256(package_data("llama3_chat_template.jinja")).hexdigest(),
                   **_hash_sources(sources)}
     else:
         if chat_template_from is not None:
@@ -189,15 +109,12 @@ def build_tiny_model(family: str, *, chat_template_from=None, tokenizer_from=Non
     if (final / "magpie_tiny.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    from magpie_hub.chat.format import generation_eos_ids
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         if family == "llama3":
             tok = _llama3_tokenizer(chat_template_from)
         else:
-            from magpie_hub.chat.format import load_tokenizer
-
             tok = load_tokenizer(str(tokenizer_from))
         _make_model(family, tok, seed=seed, turn_tokens=TURN_TOKENS, out=tmp,
                    source_eos=list(generation_eos_ids(str(tokenizer_from), None)) if tokenizer_from else [])
@@ -216,8 +133,6 @@ def build_tiny_model(family: str, *, chat_template_from=None, tokenizer_from=Non
 
 def _calibration_stats(model, ids, eot: int):
     """Final-norm outputs' bias feature h[..., 0], eot logits and logsumexp of the other logits."""
-    import torch
-
     captured = {}
     handle = model.model.norm.register_forward_hook(lambda _m, _i, out: captured.update(h=out))
     try:
@@ -231,8 +146,6 @@ def _calibration_stats(model, ids, eot: int):
 
 def _raise_logit(model, head, eot: int, h0, l_eot, lse, turn_tokens: int) -> None:
     """Add to the eot row's bias-feature weight so the mean P(eot) over the positions = 1 / turn_tokens."""
-    import torch
-
     lo, hi = -100.0, 100.0
     for _ in range(60):  # bisection on the added weight
         mid = (lo + hi) / 2
@@ -243,11 +156,6 @@ def _raise_logit(model, head, eot: int, h0, l_eot, lse, turn_tokens: int) -> Non
 def _make_model(family: str, tok, *, seed: int, turn_tokens: int, out: Path, source_eos: list[int]) -> None:
     """Seeded random weights; dimension 0 of the residual stream carries a constant "bias feature" so the
     end-of-turn logit can be raised by a calibrated amount (LLaMA/Qwen2 heads have no bias)."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    from magpie_hub.chat.format import ChatFormat
-
     fmt = ChatFormat(tok, f"tiny:{family}")
     eot = int(tok.convert_tokens_to_ids(fmt.assistant_stop[0]))
     extra = [tok.convert_tokens_to_ids("<|end_of_text|>")] if family == "llama3" else []
@@ -273,8 +181,6 @@ def _make_model(family: str, tok, *, seed: int, turn_tokens: int, out: Path, sou
         _raise_logit(model, head, eot, *_calibration_stats(model, ids, eot)[:3], turn_tokens)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos_ids,
                                                pad_token_id=tok.pad_token_id)
-    from transformers.utils import logging as hf_logging
-
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in CLI output
     try:
@@ -298,3 +204,6 @@ def resolve_model(name: str) -> str:
     if family == "qwen2.5":
         return str(build_tiny_model("qwen2.5", tokenizer_from=source or _default_qwen_tokenizer()))
     raise ModelError(f"unknown tiny model {name!r}: use tiny:llama3 or tiny:qwen2.5")
+
+
+register_scheme("tiny:", resolve_model)

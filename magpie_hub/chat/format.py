@@ -29,12 +29,21 @@ from __future__ import annotations
 
 import datetime
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from magpie_hub.chat.config_tokenizer import tokenizer_from_config
 from magpie_hub.errors import ChatFormatError, ModelError
+from magpie_hub.models import (
+    VOCAB_FILES,
+    generation_eos_ids,
+    has_vocabulary,
+    load_auto_tokenizer,
+    local_dir,
+    no_vocabulary,
+    resolve_model,
+)
 
 # Sentinels: letters only (survive trim/strip), long and odd enough never to occur in a template.
 _U1, _U2, _U3 = "QzxMagpieUserOneQzx", "QzxMagpieUserTwoQzx", "QzxMagpieUserThreeQzx"
@@ -42,9 +51,6 @@ _A1, _A2 = "QzxMagpieReplyOneQzx", "QzxMagpieReplyTwoQzx"
 _SYS = "QzxMagpieSystemQzx"
 _NEXT = "QzxMagpieNextUserQzx"
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                "sentencepiece.bpe.model", "tokenizer.tiktoken", "qwen.tiktoken")
 
 
 def _msg(role: str, content: str) -> dict[str, str]:
@@ -61,93 +67,6 @@ def _split_once(text: str, sentinel: str, what: str) -> tuple[str, str]:
 
 def _dedupe(items) -> tuple:
     return tuple(dict.fromkeys(x for x in items if x is not None and x != ""))
-
-
-def _local_dir(name: str) -> Path | None:
-    """The local directory ``name`` refers to, None for a Hub id; ModelError for a bad path."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelError(f"{name} is a file, not a model directory: pass the folder that holds "
-                             "tokenizer_config.json")
-        return path
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or not _HUB_ID.match(name):
-        raise ModelError(f"model directory {name} does not exist: pass an existing folder or a Hub model id")
-    return None
-
-
-def _no_vocabulary(name) -> ModelError:
-    return ModelError(f"{name} has no tokenizer vocabulary (tokenizer.json, tokenizer.model or vocab.json): "
-                      "copy the model's tokenizer files into it")
-
-
-def _offline() -> bool:
-    from huggingface_hub.constants import is_offline_mode
-
-    return bool(is_offline_mode())
-
-
-def _load_auto(name: str, revision: str | None):
-    from transformers import AutoTokenizer
-
-    local = _local_dir(name)
-    if local is not None:
-        has_config = any((local / f).is_file() for f in ("tokenizer_config.json", *_VOCAB_FILES))
-        if not has_config:
-            raise ModelError(f"{name} holds no tokenizer (no tokenizer_config.json / tokenizer.json): pass the "
-                             "model folder itself")
-        try:
-            return AutoTokenizer.from_pretrained(str(local))
-        except Exception as exc:  # transformers raises ValueError/OSError/KeyError for broken folders
-            if not any((local / f).is_file() for f in _VOCAB_FILES):
-                raise _no_vocabulary(name) from None
-            raise ModelError(f"cannot load the tokenizer in {name} ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:160]}): check the folder's tokenizer files") from None
-    try:
-        return AutoTokenizer.from_pretrained(name, revision=revision)
-    except Exception as exc:
-        if _offline():
-            raise ModelError(f"{name} is not a local folder and not in the Hub cache while HF_HUB_OFFLINE=1: "
-                             f"download it first (hf download {name}) or pass a local directory") from None
-        raise ModelError(f"cannot load the tokenizer of Hub model {name} ({type(exc).__name__}): check the id, "
-                         "the --revision and HF_TOKEN for gated models") from None
-
-
-def _has_vocabulary(tok) -> bool:
-    """False for a tokenizer that only holds added tokens (a config-only folder loads that way)."""
-    return len(tok) - len(tok.added_tokens_decoder) > 0
-
-
-def load_tokenizer(model_or_dir: str, revision: str | None = None):
-    """Load a tokenizer with a usable vocabulary (``tiny:`` names are resolved first); ModelError otherwise."""
-    from magpie_hub.chat.demo_models import resolve_model
-
-    name = resolve_model(str(model_or_dir))
-    tok = _load_auto(name, revision)
-    if not _has_vocabulary(tok):
-        raise _no_vocabulary(model_or_dir)
-    return tok
-
-
-def generation_eos_ids(name: str, revision: str | None) -> tuple[int, ...]:
-    """eos ids of generation_config.json from the folder or the Hub cache (never downloaded)."""
-    path: Path | None = None
-    local = Path(name).expanduser()
-    if local.is_dir():
-        path = local / "generation_config.json"
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(name, "generation_config.json", revision=revision)
-        path = Path(found) if isinstance(found, str) else None
-    if path is None or not path.is_file():
-        return ()
-    try:
-        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
-        raise ModelError(f"{path} is not valid JSON: fix or delete it") from None
-    eos = eos if isinstance(eos, list) else [eos]
-    return tuple(int(i) for i in eos if isinstance(i, int))
 
 
 def _config_token_ids(directory: Path) -> dict[str, int]:
@@ -303,7 +222,7 @@ class ChatFormat:
     def encode(self, text: str) -> list[int]:
         """Token ids of a rendered prompt, never doubling a BOS the template already wrote."""
         if not self.has_vocabulary:
-            raise _no_vocabulary(self.model)
+            raise no_vocabulary(self.model)
         return list(self.tokenizer(text, add_special_tokens=not self.bos_in_template)["input_ids"])
 
     def to_dict(self, system: str | None = None) -> dict[str, Any]:
@@ -323,26 +242,22 @@ class ChatFormat:
 
 def load_chat_format(model_or_dir: str, revision: str | None = None, *,
                      allow_config_only: bool = False) -> ChatFormat:
-    """ChatFormat of a Hub id, a local folder or a ``tiny:`` name.
+    """ChatFormat of a Hub id, a local folder or a registered reference (``tiny:...``).
 
     ``allow_config_only`` accepts a folder with a chat template but no vocabulary (strings only)."""
-    from magpie_hub.chat.demo_models import resolve_model
-
     name = resolve_model(str(model_or_dir))
-    local = _local_dir(name)
+    local = local_dir(name)
     tok = None
     try:
-        tok = _load_auto(name, revision)
+        tok = load_auto_tokenizer(name, revision)
     except ModelError:  # fall back only for a folder without any vocabulary file, never for a broken one
         if not (allow_config_only and local is not None and (local / "tokenizer_config.json").is_file()
-                and not any((local / f).is_file() for f in _VOCAB_FILES)):
+                and not any((local / f).is_file() for f in VOCAB_FILES)):
             raise
-    if tok is not None and _has_vocabulary(tok):
+    if tok is not None and has_vocabulary(tok):
         return ChatFormat(tok, str(model_or_dir), extra_eos_ids=generation_eos_ids(name, revision))
     if not allow_config_only or local is None:
-        raise _no_vocabulary(model_or_dir)
-    from magpie_hub.chat.demo_models import tokenizer_from_config
-
+        raise no_vocabulary(model_or_dir)
     tok = tokenizer_from_config(local, train=False)
     return ChatFormat(tok, str(model_or_dir), extra_eos_ids=generation_eos_ids(name, revision),
                       token_ids=_config_token_ids(local))

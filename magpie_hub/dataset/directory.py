@@ -22,32 +22,9 @@ import pyarrow.parquet as pq
 from datasets import Features
 
 from magpie_hub.errors import DatasetDirError
-from magpie_hub.dataset.schema import MANIFEST, SPLIT, WORK_DIR
+from magpie_hub.layout import MANIFEST, SPLIT, WORK_DIR, shard_name, shard_paths, split_rows
 
 ROWS_PER_SHARD = 100_000  # default shard size for new configs (filter output)
-
-
-def shard_name(index: int, count: int) -> str:
-    return f"{SPLIT}-{index:05d}-of-{count:05d}.parquet"
-
-
-def split_rows(rows: int, shards: int) -> list[int]:
-    """Rows per shard: ``rows`` spread over ``shards`` files, the first ones taking the remainder."""
-    base, extra = divmod(rows, shards)
-    return [base + (1 if i < extra else 0) for i in range(shards)]
-
-
-def shard_paths(directory: Path, config: str) -> list[Path]:
-    return sorted((Path(directory) / config).glob(f"{SPLIT}-*-of-*.parquet"))
-
-
-def config_names(directory: Path) -> list[str]:
-    """Configs of a dataset dir (sub-folders holding ``train-*.parquet``), sorted = the global row order."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(p.name for p in directory.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and shard_paths(directory, p.name))
 
 
 @dataclass

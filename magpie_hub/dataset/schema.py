@@ -30,11 +30,3 @@ GENERATION_FEATURES = Features(
 )
 
 GENERATION_COLUMNS = tuple(GENERATION_FEATURES)
-
-# Directory layout of a built dataset (identical to the Hub repo it becomes).
-README = "README.md"
-MANIFEST = "magpie_manifest.json"
-STATS = "magpie_stats.json"          # statistics written by the tag/analysis stage, read by the card
-ASSETS_DIR = "assets"                # PNG plots written by the analysis stage, embedded by the card
-WORK_DIR = ".magpie"                 # checkpoints and other local state; never published
-SPLIT = "train"

@@ -19,8 +19,8 @@ from pathlib import Path
 import datasets as hf_datasets
 from datasets import Dataset, Features
 
-from magpie_hub.dataset.directory import shard_name, split_rows
-from magpie_hub.dataset.schema import GENERATION_FEATURES, WORK_DIR
+from magpie_hub.dataset.schema import GENERATION_FEATURES
+from magpie_hub.layout import WORK_DIR, shard_name, split_rows
 
 MAX_SHARD_BYTES = 256 * 1024 * 1024   # of JSON row text; parquet shards come out well under this
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,6 @@ from rich.table import Table
 from magpie_hub.dataset.directory import (
     ConfigData,
     atomic_write_text,
-    config_names,
     read_config,
     read_manifest,
     write_config,
@@ -30,7 +30,7 @@ from magpie_hub.dataset.directory import (
 from magpie_hub.errors import DatasetDirError
 from magpie_hub.filters.base import COLUMN_HINTS, RuleOutcome, step_for
 from magpie_hub.filters.presets import FilterSpec, load_filter_spec
-from magpie_hub.dataset.schema import MANIFEST, SPLIT
+from magpie_hub.layout import MANIFEST, SPLIT, config_names
 
 
 @dataclass
@@ -115,8 +115,11 @@ def _prepare_out(directory: Path, out: Path) -> None:
 
 
 def filter_dataset(directory: Path | str, preset: str | Path, out: Path | str, *,
-                   console: Console | None = None) -> FilterReport:
-    """Filter every config of ``directory`` with ``preset`` (name or YAML path) into ``out``."""
+                   console: Console | None = None, finish: Callable[[Path], None] | None = None) -> FilterReport:
+    """Filter every config of ``directory`` with ``preset`` (name or YAML path) into ``out``.
+
+    ``finish(staged_dir)`` (the pipeline renders the card there) runs on the complete output before it
+    replaces ``out`` in one rename."""
     directory, out = Path(directory), Path(out)
     console = console or Console(stderr=True)
     if not directory.is_dir():
@@ -138,9 +141,8 @@ def filter_dataset(directory: Path | str, preset: str | Path, out: Path | str, *
             write_config(tmp, ConfigData(config, table, [], data[config].features))
         manifest["filter"] = {**report.to_dict(), "input": str(directory)}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        from magpie_hub.card.render import render_card
-
-        render_card(tmp)
+        if finish is not None:
+            finish(tmp)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -22,7 +22,7 @@ passed to huggingface_hub as paths: memory stays flat in the dataset size; uploa
 from __future__ import annotations
 
 import hashlib
-import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,12 +31,8 @@ from rich.table import Table
 
 from magpie_hub.errors import DatasetDirError, HubError
 from magpie_hub.hub.client import call, hub_api, resolve_token, status_of
+from magpie_hub.layout import MANIFEST, README, REPO_RE, SPLIT, VERSION_RE, config_names
 
-# The layout names of magpie_hub.dataset.schema (README, MANIFEST, SPLIT), repeated here so that publish/versions
-# start without importing ``datasets`` (schema does); tests/test_versions.py checks they agree.
-README, MANIFEST, SPLIT = "README.md", "magpie_manifest.json", "train"
-VERSION_RE = re.compile(r"^v(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
-REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 KEEP_REMOTE = frozenset({".gitattributes"})  # the repo's LFS rules: never deleted
 REPO_TYPE = "dataset"
 _CHUNK = 1 << 20
@@ -84,15 +80,6 @@ class PublishResult:
     commit: str | None
     status: str        # published | tagged | unchanged | dry-run
     plan: Plan
-
-
-def config_names(directory: Path) -> list[str]:
-    """Config folders holding ``train-*.parquet`` shards (the layout of docs/architecture.md).
-
-    Same rule as :func:`magpie_hub.dataset.directory.config_names`, without importing ``datasets`` (CLI start-up).
-    """
-    return sorted(p.name for p in directory.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and any(p.glob(f"{SPLIT}-*.parquet")))
 
 
 def hash_file(path: Path) -> tuple[str, str, int]:
@@ -197,14 +184,6 @@ def _refuse_or_noop(api, repo: str, version: str, commit: str, local: list[Local
                    f"it as a new version, e.g. --version v{major}.{minor}.{patch + 1}")
 
 
-def pin_card(directory: Path, repo: str, version: str) -> bool:
-    """Re-render a magpie-hub card with its loading snippet pinned to repo@version (not hand-made READMEs)."""
-    if not (directory / MANIFEST).is_file():
-        return False
-    from magpie_hub.card.render import render_card
-
-    render_card(directory, repo=repo, version=version)
-    return True
 
 
 def _commit(api, repo: str, branch: str, head: str, plan: Plan, message: str, description: str,
@@ -247,8 +226,12 @@ def _tag(api, repo: str, version: str, commit: str) -> None:
 
 
 def publish(directory: Path | str, repo: str, version: str, private: bool = False, branch: str = "main",
-            message: str | None = None, dry_run: bool = False, console: Console | None = None) -> PublishResult:
-    """Publish DIR to the Hub dataset ``repo`` as one commit on ``branch`` tagged ``version``."""
+            message: str | None = None, dry_run: bool = False, console: Console | None = None,
+            pin: Callable[[Path, str, str], bool] | None = None) -> PublishResult:
+    """Publish DIR to the Hub dataset ``repo`` as one commit on ``branch`` tagged ``version``.
+
+    ``pin(directory, repo, version)`` (given by the pipeline) re-renders the card with its loading snippet
+    pinned to this version just before the files are collected, only when the tag is new; True if it did."""
     directory = Path(directory)
     console = console or Console(highlight=False)
     check_inputs(directory, repo, version)
@@ -270,7 +253,7 @@ def publish(directory: Path | str, repo: str, version: str, private: bool = Fals
         call(f"creating branch {branch}", repo, api.create_branch, repo, branch=branch, repo_type=REPO_TYPE,
              exist_ok=True)
         branches = _refs(api, repo)[0]
-    if pin_card(directory, repo, version):
+    if pin is not None and pin(directory, repo, version):
         console.print(f"card {README} pinned to {repo}@{version}")
     local = collect(directory)
     head = branches[branch]

@@ -20,7 +20,8 @@ from rich.table import Table
 
 from magpie_hub.errors import HubError
 from magpie_hub.hub.client import call, endpoint, hub_api, resolve_token
-from magpie_hub.hub.publish import REPO_RE, REPO_TYPE, SPLIT
+from magpie_hub.hub.publish import REPO_TYPE
+from magpie_hub.layout import REPO_RE, SPLIT
 
 DISTRIBUTION_COLUMNS = ("category", "difficulty", "language", "task_category")
 TOP_VALUES = 12

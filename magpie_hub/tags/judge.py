@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 from datasets import Features, List, Value
 from rich.console import Console
 
-from magpie_hub.generate.backends.base import GenerationRequest, GenerationResult, SamplingParams
 from magpie_hub.errors import MagpieError, ModelError, RecipeError, redact
+from magpie_hub.generate.backends.base import GenerationRequest, GenerationResult, SamplingParams
 from magpie_hub.tags.base import Batch, TagContext, TagStep
 from magpie_hub.tags.judge_parse import extract_object, free_text, get_key, normalise_label
 
@@ -142,7 +142,7 @@ class BackendStep(TagStep):
     # -- lifecycle ------------------------------------------------------------------------------
     def setup(self) -> None:
         from magpie_hub.generate.backends import get_backend
-        from magpie_hub.chat.demo_models import resolve_model
+        from magpie_hub.models import resolve_model
 
         self.resolved = resolve_model(self.model)
         self.prepare(self.resolved)

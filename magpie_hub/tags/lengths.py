@@ -30,8 +30,7 @@ class LengthsStep(TagStep):
     version = "1"
 
     def setup(self) -> None:
-        from magpie_hub.chat.format import load_tokenizer
-        from magpie_hub.chat.demo_models import resolve_model
+        from magpie_hub.models import load_tokenizer, resolve_model
 
         self.model = self.options.get("model") or self.context.generator_model or self._model_from_rows()
         self.revision = self.options.get("revision") or (

@@ -57,8 +57,7 @@ class RewardStep(TagStep):
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from magpie_hub.chat.format import load_tokenizer
-        from magpie_hub.chat.demo_models import resolve_model
+        from magpie_hub.models import load_tokenizer, resolve_model
 
         path = resolve_model(self.model_name)
         device = self.options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,9 +3,9 @@
 ``tag_dataset(DIR, steps)``: loads every config, skips steps whose columns are already present in every
 config, runs the rest (checkpointing each finished chunk / global result under ``DIR/.magpie/tags/``,
 so a ``kill -9`` resumes at the step and config it was in), then rewrites each changed config's shards
-(same count, names and row order; temp file + ``os.replace``), records the ``tags`` section of
-``magpie_manifest.json``, runs ``magpie_hub.card.stats.analyze(DIR)``, and
-re-renders the card. Re-running never duplicates rows or columns.
+(same count, names and row order; temp file + ``os.replace``) and records the ``tags`` section of
+``magpie_manifest.json``. Re-running never duplicates rows or columns. Statistics and the card are the
+pipeline's business (:mod:`magpie_hub.pipeline`): the result says whether the data changed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -27,7 +26,6 @@ from rich.console import Console
 
 from magpie_hub.dataset.directory import (
     ConfigData,
-    config_names,
     read_config,
     read_manifest,
     update_manifest,
@@ -36,7 +34,7 @@ from magpie_hub.dataset.directory import (
     write_parquet_atomic,
 )
 from magpie_hub.errors import DatasetDirError, RecipeError
-from magpie_hub.dataset.schema import WORK_DIR
+from magpie_hub.layout import WORK_DIR, config_names
 from magpie_hub.tags import DEFAULT_STEPS, TagContext, TagStep, step_class
 
 REQUIRED_COLUMNS = ("uuid", "instruction", "response", "conversations")
@@ -74,9 +72,11 @@ def _normalise(spec: Any, what: str) -> list[tuple[str, dict]]:
     return out
 
 
-def tag_dataset(directory: Path | str, steps: Sequence[StepSpec] | None = None, *, force: bool = False,
-                analyze: bool = True) -> dict[str, Any]:
-    """Tag ``directory`` in place; returns ``{"ran": [...], "skipped": [...], "rows": {config: n}}``."""
+def tag_dataset(directory: Path | str, steps: Sequence[StepSpec] | None = None, *,
+                force: bool = False) -> dict[str, Any]:
+    """Tag ``directory`` in place; returns ``{"ran": [...], "skipped": [...], "rows": {config: n}}``.
+
+    ``steps`` default to the recipe's ``tags:`` recorded in the manifest, else the default steps."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetDirError(f"dataset directory {directory} does not exist", hint="build it first")
@@ -143,8 +143,6 @@ def tag_dataset(directory: Path | str, steps: Sequence[StepSpec] | None = None, 
         _record(directory, [s for s, _ in todo], [n for n, _ in plan])
     for step, _ in todo:
         shutil.rmtree(step.context.work_dir / "ckpt", ignore_errors=True)
-    if analyze and (ran or not (directory / "magpie_stats.json").exists()):
-        _after(directory)
     return {"ran": ran, "skipped": skipped, "rows": {c: data[c].num_rows for c in configs}}
 
 
@@ -243,15 +241,3 @@ def _record(directory: Path, ran: list[TagStep], order: list[str]) -> None:
         section["order"] = list(dict.fromkeys([*section.get("order", []), *order]))
         section["versions"] = _versions()
     update_manifest(directory, change)
-
-
-def _after(directory: Path) -> None:
-    from magpie_hub.card.stats import analyze
-    from magpie_hub.card.render import render_card
-
-    analyze(directory)
-    render_card(directory)
-
-
-if __name__ == "__main__":  # python -m magpie_hub.tags.runner DIR [STEP...]
-    print(json.dumps(tag_dataset(Path(sys.argv[1]), sys.argv[2:] or None)))

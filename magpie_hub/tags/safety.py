@@ -60,7 +60,7 @@ class SafetyStep(BackendStep):
             raise RecipeError("tag step 'safety': prompt_format must be auto, template or llama-guard-2")
 
     def prepare(self, model: str) -> None:
-        from magpie_hub.chat.format import load_tokenizer
+        from magpie_hub.models import load_tokenizer
 
         try:
             self.tokenizer = load_tokenizer(model, revision=self.revision)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+from magpie_hub.errors import RecipeError
 from magpie_hub.generate.backends.base import (
     Backend,
     BackendInfo,
@@ -15,7 +16,6 @@ from magpie_hub.generate.backends.base import (
     GenerationResult,
     SamplingParams,
 )
-from magpie_hub.errors import RecipeError
 
 BACKENDS: dict[str, str] = {
     "transformers": "magpie_hub.generate.backends.local.transformers:TransformersBackend",

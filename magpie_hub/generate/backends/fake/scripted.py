@@ -21,8 +21,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from magpie_hub.generate.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult
 from magpie_hub.errors import RecipeError
+from magpie_hub.generate.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult
 
 _FINISH = ("stop", "length", "error")
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import os
 
+from magpie_hub.errors import BackendError
 from magpie_hub.generate.backends.base import GenerationResult
 from magpie_hub.generate.backends.http.tgi import TGIBackend, _one_line, secret_from_env
-from magpie_hub.errors import BackendError
-from magpie_hub.chat.demo_models import resolve_model
+from magpie_hub.models import resolve_model
 
 CHAT_ONLY = ("offers no raw text completion (POST /v1/completions -> {status}: {detail}); MAGPIE needs raw "
              "completion of a chat-template prefix, which a chat-only API cannot do (it applies the chat template "

@@ -17,10 +17,9 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from magpie_hub.chat.format import load_tokenizer
 from magpie_hub.errors import BackendError, redact
+from magpie_hub.models import load_tokenizer, resolve_model
 from magpie_hub.retry import backoff_delay
-from magpie_hub.chat.demo_models import resolve_model
 
 log = logging.getLogger("magpie_hub.generate.backends.http.tgi")  # the backend's own logger, as before the split
 

@@ -33,6 +33,7 @@ import re
 from collections import Counter
 from urllib.parse import urlsplit
 
+from magpie_hub.errors import BackendError, RecipeError
 from magpie_hub.generate.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult
 from magpie_hub.generate.backends.http.server_info import (  # noqa: F401 - re-exported for openai_completions
     TGIServerInfo,
@@ -40,7 +41,6 @@ from magpie_hub.generate.backends.http.server_info import (  # noqa: F401 - re-e
     public_url,
     secret_from_env,
 )
-from magpie_hub.errors import BackendError, RecipeError
 from magpie_hub.retry import RETRYABLE_STATUS, backoff_delay, parse_retry_after
 
 log = logging.getLogger(__name__)

@@ -28,9 +28,15 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from magpie_hub.generate.backends.local.batching import ContinuousBatcher, Row, RowStopper, make_generator, sample_rows
-from magpie_hub.generate.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult
 from magpie_hub.errors import BackendError, ModelError
+from magpie_hub.generate.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult
+from magpie_hub.generate.backends.local.batching import (
+    ContinuousBatcher,
+    Row,
+    RowStopper,
+    make_generator,
+    sample_rows,
+)
 
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
@@ -162,7 +168,7 @@ class TransformersBackend(Backend):
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         from magpie_hub.chat.format import load_chat_format
-        from magpie_hub.chat.demo_models import resolve_model
+        from magpie_hub.models import resolve_model
 
         self._threads()
         path = resolve_model(self.model_id)

@@ -1,0 +1,94 @@
+"""The one place that chains the stages: recipe -> build -> tag -> statistics -> card (-> filter, publish).
+
+Every stage takes its inputs and returns its result; none calls a later one. Each function here is what
+one CLI command (or :class:`~magpie_hub.build.hf_builder.MagpieBuilder`) does, and renders the card once
+per command that changes a dataset directory.
+
+This is also an edge where model references are made resolvable: importing the demo models registers
+their ``tiny:`` scheme with :mod:`magpie_hub.models`, so stages, backends and tags never import them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+import magpie_hub.chat.demo_models  # noqa: F401 - registers the ``tiny:`` model references (see docstring)
+from magpie_hub.build.run import BuildResult, run_build
+from magpie_hub.card.render import render_card
+from magpie_hub.card.stats import analyze
+from magpie_hub.chat.format import ChatFormat, load_chat_format
+from magpie_hub.filters.apply import FilterReport, filter_dataset
+from magpie_hub.hub.publish import PublishResult
+from magpie_hub.hub.publish import publish as publish_dir
+from magpie_hub.layout import MANIFEST, STATS
+from magpie_hub.recipe.schema import load_recipe
+from magpie_hub.tags.runner import StepSpec, tag_dataset
+
+
+def chat_format(model: str, *, revision: str | None = None) -> ChatFormat:
+    """``magpie-hub templates``: the chat-format pieces (a config-only tokenizer folder is enough)."""
+    return load_chat_format(model, revision=revision, allow_config_only=True)
+
+
+def build(recipe: str | Path, *, out: str | Path | None = None, configs: list[str] | None = None,
+          rows: int | None = None, model: str | None = None, backend: str | None = None,
+          endpoint: str | None = None, fresh: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """``magpie-hub build``: generate, then the recipe's ``tags:`` (if any), statistics and the card.
+    Returns the manifest (``{}`` on data-parallel ranks other than 0)."""
+    recipe_path = Path(recipe)
+    rec = load_recipe(recipe_path, {"rows": rows, "model": model, "backend": backend, "endpoint": endpoint})
+    result: BuildResult = run_build(rec, recipe_path=recipe_path, out=out, configs=configs, fresh=fresh,
+                                    console=console)
+    if not result.main:
+        return {}
+    if rec.tags:
+        _tag_and_analyze(result.out, rec.tags)
+    render_card(result.out)
+    return result.manifest
+
+
+def _tag_and_analyze(directory: Path, steps: Sequence[StepSpec] | None, force: bool = False) -> dict[str, Any]:
+    """Tag; recompute the statistics when a step ran or there are none yet. The result says which."""
+    result = tag_dataset(directory, steps, force=force)
+    result["analyzed"] = bool(result["ran"]) or not (directory / STATS).exists()
+    if result["analyzed"]:
+        analyze(directory)
+    return result
+
+
+def tag(directory: str | Path, steps: Sequence[StepSpec] | None = None, *, force: bool = False) -> dict[str, Any]:
+    """``magpie-hub tag``: tag in place; when a step ran (or no statistics exist) recompute them, re-render the card."""
+    directory = Path(directory)
+    result = _tag_and_analyze(directory, steps, force)
+    if result["analyzed"]:
+        render_card(directory)
+    return result
+
+
+def filter(directory: str | Path, preset: str | Path, out: str | Path) -> FilterReport:  # noqa: A001 - the verb
+    """``magpie-hub filter``: the filtered copy gets its card before it replaces ``out``."""
+    return filter_dataset(directory, preset, out, finish=render_card)
+
+
+def card(directory: str | Path, *, repo: str | None = None, version: str | None = None) -> Path:
+    """``magpie-hub card``: render ``DIR/README.md``."""
+    return render_card(directory, repo=repo, version=version)
+
+
+def _pin_card(directory: Path, repo: str, version: str) -> bool:
+    """Re-render a magpie-hub card pinned to ``repo@version`` (a hand-made README is left as it is)."""
+    if not (directory / MANIFEST).is_file():
+        return False
+    render_card(directory, repo=repo, version=version)
+    return True
+
+
+def publish(directory: str | Path, *, repo: str, version: str, private: bool = False, branch: str = "main",
+            message: str | None = None, dry_run: bool = False) -> PublishResult:
+    """``magpie-hub publish``: one commit + a tag; the card's loading snippet is pinned to the new tag."""
+    return publish_dir(directory, repo=repo, version=version, private=private, branch=branch, message=message,
+                       dry_run=dry_run, pin=_pin_card)
