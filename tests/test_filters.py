@@ -12,6 +12,7 @@ from conftest import run_cli
 from datasets import Dataset
 
 from magpie_hub.errors import DatasetDirError, RecipeError
+from magpie_hub import pipeline
 from magpie_hub.filters.apply import apply_spec, filter_dataset
 from magpie_hub.filters.presets import load_filter_spec, parse_spec, preset_names
 from magpie_hub.filters.rules import (
@@ -211,7 +212,7 @@ def test_pro_and_air_presets_on_synthetic_dir(tmp_path):
     air_file = tmp_path / "air20.yaml"
     air_file.write_text("name: air20\nrules: [input_quality >= good, difficulty >= medium, "
                         "min_neighbor_distance > 0, reward_difference > 0, keep_longest 5]\n")
-    report = filter_dataset(src, str(air_file), tmp_path / "air")
+    report = pipeline.filter(src, str(air_file), tmp_path / "air")   # the command: filter, then the card
     for config, rows in data.items():
         got = pq.read_table(tmp_path / "air" / config).column("uuid").to_pylist()
         want = expected(rows, lambda r: r["input_quality"] is not None and RANK[r["input_quality"]] >= 3

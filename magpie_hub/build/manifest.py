@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from magpie_hub.dataset.directory import update_manifest
 from magpie_hub.recipe.schema import Recipe, exact_counts
 
 LIBRARIES = ("magpie-hub", "torch", "transformers", "tokenizers", "datasets", "huggingface_hub", "accelerate",
@@ -110,8 +111,6 @@ def _system_templates(recipe: Recipe, fmt, configs: dict[str, Any]) -> dict[str,
 def build_manifest_update(out: Path, recipe: Recipe, recipe_path: Path, fmt, info, entries: dict[str, dict],
                           world: int) -> dict[str, Any]:
     """Merge this build's facts and the new config ``entries`` into ``out``'s manifest (atomically)."""
-    from magpie_hub.dataset.directory import update_manifest
-
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     def change(m: dict[str, Any]) -> None:

@@ -18,60 +18,38 @@ Tagging and the card follow in :mod:`magpie_hub.pipeline`, not here. Data-parall
 from __future__ import annotations
 
 import asyncio
-import os
+import shutil
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from magpie_hub.build.checkpoint import Checkpoint, PieceWriter, read_rows
+from magpie_hub.build.dist import Dist
 from magpie_hub.build.manifest import build_manifest_update, config_entry
 from magpie_hub.build.progress import BuildProgress, summary_table
+from magpie_hub.chat.format import load_chat_format
+from magpie_hub.dataset.directory import read_manifest, update_manifest
 from magpie_hub.dataset.shards import shard_count, write_config_shards
 from magpie_hub.errors import DatasetDirError, MagpieError, RecipeError
 from magpie_hub.generate.backends import SamplingParams, backend_class, get_backend
-from magpie_hub.layout import MANIFEST, WORK_DIR
+from magpie_hub.generate.engine import (
+    CleanupOptions,
+    ConversationEngine,
+    ConversationSpec,
+    conversation_to_row,
+)
+from magpie_hub.layout import MANIFEST, WORK_DIR, shard_paths
+from magpie_hub.models import resolve_model
 from magpie_hub.recipe.schema import Recipe
 
 
 class BuildIncompleteError(MagpieError):
     """Some rows could not be generated within max_attempts; the checkpoint is kept for a re-run."""
-
-
-class Dist:
-    """Rank, world size and barrier: accelerate's PartialState when launched distributed, else trivial."""
-
-    def __init__(self) -> None:
-        self.state = None
-        self.rank, self.world, self.local_rank = 0, 1, 0
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch
-            from accelerate import PartialState
-
-            self.state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=48))
-            self.rank, self.world = self.state.process_index, self.state.num_processes
-            self.local_rank = self.state.local_process_index
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.state is not None:
-            self.state.wait_for_everyone()
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (so all ranks take the same decisions)."""
-        if self.state is None:
-            return obj
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([obj], from_process=0)[0]
 
 
 def check_out_dir(out: Path) -> None:
@@ -103,8 +81,6 @@ def _changed(old: dict, new: dict) -> str:
 
 def check_fingerprints(recipe: Recipe, out: Path, names: list[str], fresh: bool) -> dict[str, str]:
     """For each config: "new", "resume" or "done"; RecipeError when the dir holds other rows (unless fresh)."""
-    from magpie_hub.dataset.directory import read_manifest, shard_paths
-
     manifest = read_manifest(out) if out.is_dir() else {}
     status = {}
     for name in names:
@@ -131,9 +107,6 @@ def check_fingerprints(recipe: Recipe, out: Path, names: list[str], fresh: bool)
 
 def _validate_chat_format(recipe: Recipe, names: list[str]):
     """Load the model's chat format and check it supports every system prompt the configs need."""
-    from magpie_hub.chat.format import load_chat_format
-    from magpie_hub.models import resolve_model
-
     fmt = load_chat_format(resolve_model(recipe.model), revision=recipe.revision)
     for name in names:
         plan = recipe.plan(name)
@@ -147,8 +120,6 @@ def _validate_chat_format(recipe: Recipe, names: list[str]):
 
 
 def _specs(recipe: Recipe, name: str, indices: list[int]):
-    from magpie_hub.generate.engine import ConversationSpec
-
     plan = recipe.plan(name)
     resp = SamplingParams(temperature=recipe.response_sampling.temperature, top_p=recipe.response_sampling.top_p,
                           max_new_tokens=recipe.max_new_tokens.response, seed=recipe.seed)
@@ -165,8 +136,6 @@ def _specs(recipe: Recipe, name: str, indices: list[int]):
 
 async def _generate_config(recipe: Recipe, name: str, backend, fmt, indices: list[int], writer: PieceWriter,
                            progress: BuildProgress) -> None:
-    from magpie_hub.generate.engine import CleanupOptions, ConversationEngine, conversation_to_row
-
     engine = ConversationEngine(backend, fmt, cleanup=CleanupOptions(**recipe.cleanup.model_dump()),
                                 multi_turn_system_prompt=recipe.multi_turn_system_prompt,
                                 max_attempts=recipe.max_attempts,
@@ -227,11 +196,8 @@ def run_build(rec: Recipe, *, recipe_path: Path, out: str | Path | None = None, 
     dist = Dist()
     console = console or Console(stderr=True)
     options = dict(rec.backend_options)
-    if dist.world > 1 and rec.backend == "transformers" and "device_map" not in options:
-        import torch
-
-        if torch.cuda.is_available():
-            options["device_map"] = {"": dist.local_rank}
+    if rec.backend == "transformers" and "device_map" not in options and dist.device_map() is not None:
+        options["device_map"] = dist.device_map()
     bk = get_backend(rec.backend, rec.model, revision=rec.revision, **options)
     entries: dict[str, dict] = {}
     new_rows: Counter = Counter()
@@ -280,10 +246,6 @@ def run_build(rec: Recipe, *, recipe_path: Path, out: str | Path | None = None, 
 
 def _prepare(rec: Recipe, out: Path, names: list[str], status: dict[str, str], fresh: bool) -> None:
     """Rank 0: create the dir; with ``fresh`` discard the selected configs; record fingerprints."""
-    import shutil
-
-    from magpie_hub.dataset.directory import update_manifest
-
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         ckpt = Checkpoint(out, name)

@@ -1,9 +1,8 @@
-"""Read and write a dataset directory's configs and manifest, atomically (shared by tag and filter).
+"""Read a dataset directory's configs; read/update its manifest; atomic file writes (temp file + rename).
 
-Layout (docs/architecture.md): ``DIR/{config}/train-0000i-of-0000n.parquet``, ``DIR/magpie_manifest.json``.
-Shards are written under temporary names in the same folder and moved into place with ``os.replace``;
-an interrupted write never leaves a half-written shard. Columns are typed with ``datasets.Features``
-(the ``huggingface`` schema metadata that ``datasets.load_dataset`` reads back).
+Layout names: :mod:`magpie_hub.layout`. Shards are written by :mod:`magpie_hub.dataset.shards` (the one
+writer). Columns are typed with ``datasets.Features`` (the ``huggingface`` schema metadata that
+``datasets.load_dataset`` reads back).
 """
 
 from __future__ import annotations
@@ -22,9 +21,7 @@ import pyarrow.parquet as pq
 from datasets import Features
 
 from magpie_hub.errors import DatasetDirError
-from magpie_hub.layout import MANIFEST, SPLIT, WORK_DIR, shard_name, shard_paths, split_rows
-
-ROWS_PER_SHARD = 100_000  # default shard size for new configs (filter output)
+from magpie_hub.layout import MANIFEST, SPLIT, WORK_DIR, shard_paths
 
 
 @dataclass
@@ -81,49 +78,6 @@ def with_columns(data: ConfigData, columns: dict[str, list], features: Features)
         feats[name] = features[name]
     feats = Features({n: feats[n] for n in table.column_names})
     return ConfigData(data.name, table, list(data.shard_rows), feats)
-
-
-def write_config(directory: Path, data: ConfigData, shard_rows: Sequence[int] | None = None,
-                 rows_per_shard: int = ROWS_PER_SHARD) -> list[Path]:
-    """Write ``data`` as ``DIR/{config}/train-*.parquet``: every shard to a temp file under
-    ``DIR/.magpie/tmp/`` first, then ``os.replace`` them in; stale shards of another count are removed last. ``shard_rows`` (default:
-    ``data.shard_rows`` when it sums to the row count, else ``rows_per_shard`` per shard) sets the split."""
-    folder = Path(directory) / data.name
-    folder.mkdir(parents=True, exist_ok=True)
-    n = data.num_rows
-    if shard_rows is None:
-        shard_rows = data.shard_rows if sum(data.shard_rows) == n and data.shard_rows else None
-    if shard_rows is None:
-        count = max(1, -(-n // rows_per_shard))
-        shard_rows = split_rows(n, count)
-    if sum(shard_rows) != n:
-        raise ValueError(f"shard sizes {list(shard_rows)} do not add up to {n} rows")
-    table = data.table.cast(data.features.arrow_schema)
-    count, offset, staged = len(shard_rows), 0, []
-    stage = work_dir(directory, "tmp")  # same filesystem; a kill leaves nothing publishable behind
-    try:
-        for i, rows in enumerate(shard_rows):
-            fd, tmp = tempfile.mkstemp(prefix=f"{data.name}.{shard_name(i, count)}.", suffix=".tmp", dir=stage)
-            os.close(fd)
-            staged.append((Path(tmp), folder / shard_name(i, count)))
-            pq.write_table(table.slice(offset, rows), tmp)
-            offset += rows
-        for tmp, final in staged:
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        for empty in (stage, stage.parent):  # leave no empty .magpie/ in a fresh output dir
-            try:
-                empty.rmdir()
-            except OSError:
-                break
-    keep = {final for _, final in staged}
-    for stale in shard_paths(directory, data.name):
-        if stale not in keep:
-            stale.unlink()
-    return [final for _, final in staged]
 
 
 @contextlib.contextmanager

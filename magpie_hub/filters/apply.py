@@ -25,8 +25,8 @@ from magpie_hub.dataset.directory import (
     atomic_write_text,
     read_config,
     read_manifest,
-    write_config,
 )
+from magpie_hub.dataset.shards import write_config
 from magpie_hub.errors import DatasetDirError
 from magpie_hub.filters.base import COLUMN_HINTS, RuleOutcome, step_for
 from magpie_hub.filters.presets import FilterSpec, load_filter_spec

@@ -30,9 +30,9 @@ from magpie_hub.dataset.directory import (
     read_manifest,
     update_manifest,
     with_columns,
-    write_config,
     write_parquet_atomic,
 )
+from magpie_hub.dataset.shards import write_config
 from magpie_hub.errors import DatasetDirError, RecipeError
 from magpie_hub.layout import WORK_DIR, config_names
 from magpie_hub.tags import DEFAULT_STEPS, TagContext, TagStep, step_class
