@@ -23,19 +23,21 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                "sentencepiece.bpe.model", "tokenizer.tiktoken", "qwen.tiktoken")
 
-_SCHEMES: dict[str, Callable[[str], str]] = {}
+_SCHEMES: list[tuple[Callable[[str], bool], Callable[[str], str]]] = []
 
 
-def register_scheme(prefix: str, resolver: Callable[[str], str]) -> None:
-    """Make references starting with ``prefix`` (e.g. ``"tiny:"``) resolve through ``resolver(ref) -> path``."""
-    _SCHEMES[prefix] = resolver
+def register_scheme(match: str | Callable[[str], bool], resolver: Callable[[str], str]) -> None:
+    """Make references that start with ``match`` (e.g. ``"tiny:"``), or for which ``match(ref)`` is true,
+    resolve through ``resolver(ref) -> path``."""
+    test = (lambda ref, prefix=match: ref.startswith(prefix)) if isinstance(match, str) else match
+    _SCHEMES.append((test, resolver))
 
 
 def resolve_model(ref: str) -> str:
     """A reference -> a local folder or Hub id (unchanged when no registered scheme matches)."""
     if isinstance(ref, str):
-        for prefix, resolver in _SCHEMES.items():
-            if ref.startswith(prefix):
+        for test, resolver in _SCHEMES:
+            if test(ref):
                 return resolver(ref)
     return ref
 

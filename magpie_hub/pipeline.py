@@ -4,8 +4,9 @@ Every stage takes its inputs and returns its result; none calls a later one. Eac
 one CLI command (or :class:`~magpie_hub.build.hf_builder.MagpieBuilder`) does, and renders the card once
 per command that changes a dataset directory.
 
-This is also an edge where model references are made resolvable: importing the demo models registers
-their ``tiny:`` scheme with :mod:`magpie_hub.models`, so stages, backends and tags never import them.
+This is also an edge where model references are made resolvable: importing the demo models and the GGUF
+models registers their schemes (``tiny:...``, ``smollm2``, ``*.gguf``) with :mod:`magpie_hub.models`, so
+stages, backends and tags never import them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 import magpie_hub.chat.demo_models  # noqa: F401 - registers the ``tiny:`` model references (see docstring)
+import magpie_hub.gguf_models  # noqa: F401 - registers ``smollm2`` and ``*.gguf`` (see docstring)
 from magpie_hub.build.run import BuildResult, run_build
 from magpie_hub.card.render import render_card
 from magpie_hub.card.stats import analyze

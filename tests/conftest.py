@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-FIXTURES = SHARED / "fixtures" / "tokenizers"
+# Tokenizer folders shipped with the tests: permissively licensed ones copied, the others re-expressed
+# (our own templates rendering byte-identically); each folder's SOURCE.txt says which and under what licence.
+FIXTURES = ROOT / "tests" / "data" / "tokenizers"
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="magpie-hub-tests-"))
 os.environ["HF_HOME"] = str(_SESSION_TMP / "hf_home")
@@ -30,8 +31,9 @@ os.environ["MAGPIE_HUB_CACHE"] = str(_SESSION_TMP / "magpie_cache")
 for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "MAGPIE_TGI_ENDPOINT"):
     os.environ.pop(_var, None)
 
-# Tests are an edge (like the CLI): importing the demo models registers the ``tiny:`` references. After the
+# Tests are an edge (like the CLI): importing the demo / GGUF models registers their references. After the
 # environment above, since huggingface_hub reads it at import.
+import magpie_hub.gguf_models  # noqa: E402,F401
 from magpie_hub.chat.demo_models import build_tiny_model  # noqa: E402
 
 
@@ -68,13 +70,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.fail(f"test fixtures missing: {FIXTURES} (shared/ must sit beside the repository)")
+        pytest.fail(f"test fixtures missing: {FIXTURES} (part of the repository: restore tests/data/tokenizers)")
     return FIXTURES
 
 
 @pytest.fixture(scope="session")
 def tiny_llama3(fixtures_dir) -> Path:
-    """A tiny random-weight Llama-3-style model with the real Llama-3 chat template (from the fixture)."""
+    """A tiny random-weight Llama-3-style model with the Apr-2024 Llama-3 template format (from the fixture)."""
     return build_tiny_model("llama3", chat_template_from=fixtures_dir / "llama-3-8b-instruct")
 
 

@@ -1,7 +1,7 @@
 """chat_format: MAGPIE pieces derived from each model's own chat template, checked against the template.
 
 Every expected string below is rendered independently with ``tokenizer.apply_chat_template`` (or taken
-from ../shared/reference/magpie-method.md), never from chat_format itself.
+from the MAGPIE method's official pre-query strings), never from chat_format itself.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from magpie_hub.errors import ChatFormatError, ModelError
 
 FIXTURE_NAMES = ["deepseek-coder-6.7b-instruct", "gemma-2-it", "llama-3-8b-instruct", "mistral-7b-instruct-v0.2",
                  "phi-3-mini-4k-instruct", "qwen2.5-instruct", "vicuna"]
-CONFIG_ONLY = {"gemma-2-it", "llama-3-8b-instruct", "vicuna"}
+CONFIG_ONLY = {"deepseek-coder-6.7b-instruct", "gemma-2-it", "llama-3-8b-instruct", "vicuna"}
 NEW_FAMILIES = Path(__file__).parent / "data" / "templates"
 NEW_NAMES = sorted(p.name for p in NEW_FAMILIES.iterdir() if p.is_dir())
 U = ["What is the capital of France?", "And of Italy?", "Which one is bigger?"]
@@ -177,7 +177,7 @@ def test_stops_and_stop_token_ids(formats, fixtures_dir):
     mistral = formats["mistral-7b-instruct-v0.2"]
     assert mistral.user_stop == ("[/INST]", "</s>") and mistral.assistant_stop == ("</s>",)
     assert mistral.stop_token_ids == (2,)
-    deepseek = formats["deepseek-coder-6.7b-instruct"]
+    deepseek = load_chat_format(str(fixtures_dir / "deepseek-coder-6.7b-instruct"), allow_config_only=True)
     assert deepseek.user_stop[0] == "### Response:" and deepseek.assistant_stop == ("<|EOT|>",)
     assert 32021 in deepseek.stop_token_ids
     assert formats["gemma-2-it"].stop[0] == "<end_of_turn>"

@@ -43,7 +43,7 @@ def _mean_turn_length(path: Path, prompts: list[str], samples: int, max_new: int
 def test_llama3_own_template_renders_like_the_real_llama3_template(tiny_llama3):
     ours = AutoTokenizer.from_pretrained(build_tiny_model("llama3"))
     real = AutoTokenizer.from_pretrained(tiny_llama3)
-    assert ours.chat_template != real.chat_template  # ours is written for the package, not Meta's file
+    assert ours.chat_template != real.chat_template  # the package's template, not the Apr-2024 format's
     for conv in CONVERSATIONS:
         a = ours.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         assert a == real.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
