@@ -1,14 +1,26 @@
-"""One module of user-facing exceptions.
+"""User-facing exceptions, and the one policy of what counts as a secret.
 
 Every error a user can cause is a :class:`MagpieError`: the CLI prints ``error: <message>`` on one line
-and exits with ``exit_code`` (2 for bad input). Messages name the fix. Secrets never appear in them:
-construct messages through :func:`redact` when they may contain text from the environment or HTTP.
+and exits with ``exit_code`` (2 for bad input). Messages name the fix. Secrets never appear in them: every
+message goes through :func:`redact`.
+
+Secrets, defined once here and used by every stage that writes text or records settings:
+
+- a *secret value* in text: a Hub token (``hf_...``), an API key (``sk-...``), the value after ``Bearer``,
+  and the value of any secret read through :func:`read_secret` (``HF_TOKEN``, ``OPENAI_API_KEY``, ...),
+  from the environment or ``./.env``; :func:`redact` replaces them;
+- a *secret key* in a mapping (recipe options, step options, backend info): a name containing one of
+  :data:`SECRET_KEY_WORDS` (``token``, ``api_key``, ``Authorization``, ``password``, ...), except token
+  counts (``max_new_tokens``, ``generated_tokens``); :func:`redact_mapping` masks or drops them.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 
 class MagpieError(Exception):
@@ -45,12 +57,84 @@ class HubError(MagpieError):
     """A Hub operation failed permanently (auth, not found, conflict)."""
 
 
-_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+# -- secrets ------------------------------------------------------------------------------------------------
+SECRET_KEY_WORDS = ("token", "key", "secret", "password", "auth")
+"""A mapping key containing one of these words (any case) holds a secret: ``hf_token``, ``api_key``,
+``Authorization``, ``auth_header``, ``password``, ``client_secret``."""
+
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
+"""Environment variables whose values are secrets wherever they appear."""
+
+MASK = "***"
+_TOKEN_COUNT = re.compile(r"tokens$", re.IGNORECASE)   # max_new_tokens, generated_tokens: counts, not secrets
+_SECRET_TEXT = (
+    (re.compile(r"hf_[A-Za-z0-9]{8,}"), "hf_***"),                                  # Hub tokens
+    (re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"), "sk-***"),                              # OpenAI-style API keys
+    (re.compile(r"(\bBearer\s+)[^\s\"',;}]+", re.IGNORECASE), r"\g<1>***"),         # Authorization values
+)
+_read_secrets: set[str] = set()                        # values handed out by read_secret()
+
+
+def is_secret_key(name: object) -> bool:
+    """True when a mapping key names a secret (see :data:`SECRET_KEY_WORDS`)."""
+    text = str(name).lower()
+    return any(word in text for word in SECRET_KEY_WORDS) and not _TOKEN_COUNT.search(text)
 
 
 def redact(text: str) -> str:
-    """Remove Hub tokens (the HF_TOKEN value and anything shaped like ``hf_...``) from ``text``."""
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if token and len(token) >= 4:
-        text = text.replace(token, "***")
-    return _TOKEN_RE.sub("hf_***", text)
+    """``text`` with every secret value replaced (known secret values, then the secret shapes)."""
+    known = {os.environ.get(name) for name in SECRET_ENV} | _read_secrets
+    for value in sorted((v for v in known if v and len(v) >= 4), key=len, reverse=True):
+        text = text.replace(value, MASK)
+    for pattern, mask in _SECRET_TEXT:
+        text = pattern.sub(mask, text)
+    return text
+
+
+def has_secret(text: str) -> bool:
+    """True when ``text`` holds a secret value (:func:`redact` would change it)."""
+    return redact(text) != text
+
+
+def redact_mapping(value: Any, *, drop: bool = False) -> Any:
+    """``value`` (JSON-like) with secret keys masked as ``***`` (``drop=True``: removed) and secret values
+    redacted in every string, at any depth: for manifests, cards and step records."""
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not is_secret_key(key):
+                out[key] = redact_mapping(item, drop=drop)
+            elif not drop:
+                out[key] = MASK
+        return out
+    if isinstance(value, (list, tuple)):
+        return [redact_mapping(item, drop=drop) for item in value]
+    if isinstance(value, str):
+        return redact(value)
+    return value
+
+
+def env_file_values(path: str | Path = ".env") -> dict[str, str]:
+    """The variables of ``./.env`` (python-dotenv syntax); empty when there is no such file."""
+    if not Path(path).is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def read_secret(*names: str) -> str | None:
+    """The first of ``names`` set in the environment, else in ``./.env``; None when none is. The value is
+    remembered, so :func:`redact` hides it wherever it would appear."""
+    found = next((os.environ[n] for n in names if os.environ.get(n)), None)
+    if not found:
+        values = env_file_values()
+        found = next((values[n] for n in names if values.get(n)), None)
+    register_secret(found)
+    return found or None
+
+
+def register_secret(value: str | None) -> None:
+    """Have :func:`redact` hide ``value`` from now on (a token given in options rather than read here)."""
+    if value:
+        _read_secrets.update({value, value.strip()})

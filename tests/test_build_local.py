@@ -65,7 +65,7 @@ def test_recipe_tags_run_after_generation(tmp_path, monkeypatch):
     recipe = tmp_path / "t.yaml"
     secret = "hf_" + "Zq7" * 8
     recipe.write_text(yaml.safe_dump({"model": "tiny:llama3", "backend": "dummy", "tags": ["lengths"],
-                                      "backend_options": {"token": secret, "api_key": "k-123456"},
+                                      "card": {"pretty_name": "t", "hf_token": secret, "api_key": "k-123456"},
                                       "configs": {"single_turn": {"rows": 2}}}))
     out = tmp_path / "t"
     pipeline.build(recipe, out=out)

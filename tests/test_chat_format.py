@@ -14,8 +14,8 @@ import pytest
 
 from magpie_hub.chat.config_tokenizer import tokenizer_from_config
 from magpie_hub.chat.format import ChatFormat, load_chat_format
-from magpie_hub.models import load_tokenizer
 from magpie_hub.errors import ChatFormatError, ModelError
+from magpie_hub.models import load_tokenizer
 
 FIXTURE_NAMES = ["deepseek-coder-6.7b-instruct", "gemma-2-it", "llama-3-8b-instruct", "mistral-7b-instruct-v0.2",
                  "phi-3-mini-4k-instruct", "qwen2.5-instruct", "vicuna"]

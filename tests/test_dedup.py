@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from magpie_hub.tags.base import TagContext
-from magpie_hub.tags.dedup import DedupStep, near_duplicates, unique_in_order
+from magpie_hub.tags.dedup import DedupStep, near_duplicates, saved_embeddings, unique_in_order
 
 
 def official(vectors: np.ndarray, uuids: list[str], threshold: float = 0.05, k: int = 500) -> dict:
@@ -165,6 +165,15 @@ def test_real_embeddings_across_configs(tmp_path, minilm):
     step2.model.encode = no_encode
     assert step2.run_global({"a": a, "b": b}) == out
     assert (tmp_path / ".magpie" / "tags" / "dedup" / "embeddings.parquet").is_file()
+
+    # the saved row embeddings are read back (for the card's t-SNE) only for this model and these texts
+    rows = [0, 5, 60 + len(texts[60:]) - 1]
+    ids, row_texts = [all_uuids[i] for i in rows], [all_texts[i] for i in rows]
+    saved = saved_embeddings(tmp_path, minilm, ids + ["nope"], row_texts + ["x"])
+    np.testing.assert_allclose(np.stack(saved[:3]), emb[inverse[rows]], atol=2e-3)   # stored as float16
+    assert saved[3] is None
+    assert saved_embeddings(tmp_path, "another/model", ids, row_texts) == [None] * 3
+    assert saved_embeddings(tmp_path, minilm, ids[:1], ["an edited instruction"]) == [None]
 
 
 def test_bad_options_and_missing_model(tmp_path, minilm):

@@ -11,8 +11,8 @@ import pytest
 from conftest import run_cli
 from datasets import Dataset
 
-from magpie_hub.errors import DatasetDirError, RecipeError
 from magpie_hub import pipeline
+from magpie_hub.errors import DatasetDirError, RecipeError
 from magpie_hub.filters.apply import apply_spec, filter_dataset
 from magpie_hub.filters.presets import load_filter_spec, parse_spec, preset_names
 from magpie_hub.filters.rules import (

@@ -348,3 +348,12 @@ def test_prompts_are_byte_exact_for_three_turns(family, system, request):
         if system is None:
             assert prompts[0][1].prompt == qwen_default
         assert "<|im_start|>assistant\n<|im_end|>" not in "".join(req.prompt for _, req in prompts)
+
+
+def test_stop_strings_are_cut_by_one_helper():
+    from magpie_hub.generate.backends.base import cut_at_stop
+
+    assert cut_at_stop("Hello<|eot_id|>tail", ("<|eot_id|>",)) == ("Hello", True)
+    assert cut_at_stop("a STOP b END c", ("END", "STOP", "")) == ("a ", True)   # the earliest stop wins
+    assert cut_at_stop("no stop here", ("<|eot_id|>",)) == ("no stop here", False)
+    assert cut_at_stop("", ()) == ("", False)

@@ -15,16 +15,10 @@ from datasets import Dataset
 
 from magpie_hub.dataset.schema import GENERATION_FEATURES
 from magpie_hub.errors import RecipeError
-from magpie_hub.tags import TagContext, step_class
-from magpie_hub.tags.judge import (
-    DIFFICULTIES,
-    QUALITIES,
-    TASK_CATEGORIES,
-    TaskCategoryStep,
-    classification_prompt,
-    difficulty_prompt,
-    quality_prompt,
-)
+from magpie_hub.tags import step_class
+from magpie_hub.tags.base import TagContext
+from magpie_hub.tags.columns import DIFFICULTIES, QUALITIES, TASK_CATEGORIES
+from magpie_hub.tags.judge import TaskCategoryStep, classification_prompt, difficulty_prompt, quality_prompt
 from magpie_hub.tags.judge_parse import extract_object, normalise_label
 from magpie_hub.tags.runner import tag_dataset
 
@@ -287,11 +281,13 @@ def test_judge_through_a_tgi_server(tmp_path, tiny_llama3, monkeypatch):
 def test_secrets_in_options_never_reach_the_manifest(tmp_path, tiny_llama3, monkeypatch):
     secret = "hf_" + "s3cr3tT0kenValue1234"
     monkeypatch.setenv("HF_TOKEN", secret)
-    answers = write_answers(tmp_path / "a.jsonl", [{"text": '"input_quality": "good", "explanation": "ok"'}])
+    # the backends' typed options refuse unknown keys, so the secret rides in an option's value (a path)
+    (tmp_path / f"x{secret}").mkdir()
+    answers = write_answers(tmp_path / f"x{secret}" / "a.jsonl",
+                            [{"text": '"input_quality": "good", "explanation": "ok"'}])
     root = make_rows_dir(tmp_path / "ds", {"single": ["q1", "q2"]})
     tag_dataset(root, [{"quality": {"model": str(tiny_llama3), "backend": "scripted",
-                                    "backend_options": {"answers": answers, "token": secret,
-                                                        "note": f"x{secret}"}}}])
+                                    "backend_options": {"answers": answers}}}])
     text = (root / "magpie_manifest.json").read_text()
     assert secret not in text and "s3cr3t" not in text
     assert json.loads(text)["tags"]["steps"]["quality"]["counts"]["tagged"] == 2

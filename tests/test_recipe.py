@@ -132,11 +132,12 @@ def test_sampling_mix_shares_assigned_exactly_and_deterministically():
 
 
 def test_overrides_and_fingerprint():
-    recipe = parse_recipe(_with(revision="abc", backend_options={"delay_ms": 1}),
+    recipe = parse_recipe(_with(revision="abc", backend_options={"delay_ms": 1, "max_concurrency": 3}),
                           overrides={"rows": 7, "model": "other/model", "backend": "tgi", "endpoint": "http://h:1"})
     assert recipe.configs["single_turn"].rows == 7
     assert recipe.model == "other/model" and recipe.revision is None
-    assert recipe.backend == "tgi" and recipe.backend_options == {"delay_ms": 1, "endpoint": "http://h:1"}
+    # the dummy backend's delay_ms is dropped; max_concurrency, an option of both backends, stays
+    assert recipe.backend == "tgi" and recipe.backend_options == {"max_concurrency": 3, "endpoint": "http://h:1"}
     with pytest.raises(RecipeError, match="--rows must be a positive integer"):
         parse_recipe(BASE, overrides={"rows": 0})
     a = parse_recipe(BASE)

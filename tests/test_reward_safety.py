@@ -17,7 +17,8 @@ from test_judge import write_answers
 from magpie_hub.dataset.schema import GENERATION_FEATURES
 from magpie_hub.errors import DatasetDirError, ModelError, RecipeError
 from magpie_hub.filters.apply import filter_dataset
-from magpie_hub.tags import TagContext, step_class
+from magpie_hub.tags import step_class
+from magpie_hub.tags.base import TagContext
 from magpie_hub.tags.runner import tag_dataset
 from magpie_hub.tags.safety import llama_guard_2_prompt
 

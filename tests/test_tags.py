@@ -227,7 +227,7 @@ def test_bad_input_leaves_dir_untouched(tmp_path, qwen_tok):
         tag_dataset(good, ["lenghts"])
     with pytest.raises(ModelError, match="not available offline"):
         tag_dataset(good, ["lengths", {"dedup": {"model": "sentence-transformers/not-a-cached-model"}}])
-    with pytest.raises(ModelError, match="lengths step: .*does not exist"):
+    with pytest.raises(ModelError, match="tag step 'lengths', the tokenizer of .*does not exist"):
         tag_dataset(good, [{"lengths": {"model": str(tmp_path / "no-such-model")}}])
     with pytest.raises(RecipeError, match="at least two"):
         tag_dataset(good, [{"language": {"languages": ["en"]}}])

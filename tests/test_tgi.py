@@ -477,3 +477,42 @@ def test_backoff_grows_with_jitter_and_honours_retry_after():
     assert len({round(backoff_delay(3, rng=rng), 6) for _ in range(5)}) == 5
     assert backoff_delay(0, base=0.1, cap=30, retry_after=7.0) == 7.0
     assert parse_retry_after("3") == 3.0 and parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+def test_one_retry_loop_for_sync_and_async_callers():
+    from magpie_hub.retry import RetriesExhausted, RetryPolicy, Transient, retry_async, retry_sync
+
+    def flaky(failures: int):
+        calls = []
+
+        def call():
+            calls.append(1)
+            if len(calls) <= failures:
+                raise ConnectionError(f"drop {len(calls)}")
+            return len(calls)
+        return call, calls
+
+    def classify(exc):
+        if isinstance(exc, ConnectionError):
+            return Transient(f"connection: {exc}", retry_after=0.0)
+        raise exc
+
+    policy = RetryPolicy(3, base=0.001, cap=0.002)
+    seen = []
+    call, calls = flaky(2)
+    assert retry_sync(call, policy, classify, lambda f, a, d: seen.append((f.reason, a, d is None))) == 3
+    assert seen == [("connection: drop 1", 0, False), ("connection: drop 2", 1, False)]
+    call, calls = flaky(10)
+    with pytest.raises(RetriesExhausted) as err:
+        retry_sync(call, policy, classify)
+    assert len(calls) == 4 and err.value.tries == 4 and err.value.failure.reason == "connection: drop 4"
+    with pytest.raises(KeyError):                              # not transient: raised at once, no retry
+        retry_sync(lambda: {}["x"], policy, classify)
+
+    async def acall_of(call):
+        async def acall():
+            return call()
+        return await retry_async(acall, policy, classify)
+
+    call, calls = flaky(3)
+    assert asyncio.run(acall_of(call)) == 4

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from magpie_hub.errors import BackendError, ModelError
+from magpie_hub.errors import BackendError, ModelError, RecipeError
 from magpie_hub.generate.backends import get_backend
 from magpie_hub.generate.backends.base import GenerationRequest, SamplingParams
 from magpie_hub.generate.backends.local.transformers import TransformersBackend
@@ -189,11 +189,11 @@ def test_qwen_prompts_get_no_bos_and_stop_at_im_end(tiny_qwen):
 
 
 def test_bad_options_and_missing_model(tmp_path):
-    with pytest.raises(BackendError, match="unknown transformers backend option"):
+    with pytest.raises(RecipeError, match="unknown transformers backend option 'bogus'; valid keys: batch_size,"):
         get_backend("transformers", "tiny:llama3", bogus=1)
-    with pytest.raises(BackendError, match="batch_size"):
+    with pytest.raises(RecipeError, match="batch_size"):
         TransformersBackend("tiny:llama3", batch_size=0)
-    with pytest.raises(BackendError, match="dtype"):
+    with pytest.raises(RecipeError, match="dtype"):
         TransformersBackend("tiny:llama3", dtype="int3")
     backend = TransformersBackend(str(tmp_path / "no-such-model"))
     with pytest.raises(ModelError):

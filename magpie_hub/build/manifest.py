@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from magpie_hub.dataset.directory import update_manifest
+from magpie_hub.errors import redact_mapping
 from magpie_hub.recipe.schema import Recipe, exact_counts
 
 LIBRARIES = ("magpie-hub", "torch", "transformers", "tokenizers", "datasets", "huggingface_hub", "accelerate",
              "pyarrow", "pydantic")
-_SECRET_WORDS = ("token", "key", "secret", "password", "auth")
 
 
 def library_versions() -> dict[str, str | None]:
@@ -88,10 +88,6 @@ def config_entry(recipe: Recipe, name: str, stats: list[dict], *, shards: int,
     return entry
 
 
-def _safe_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in options.items()}
-
-
 def _system_templates(recipe: Recipe, fmt, configs: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in configs:
@@ -117,12 +113,12 @@ def build_manifest_update(out: Path, recipe: Recipe, recipe_path: Path, fmt, inf
         m.setdefault("created_at", now)
         m["updated_at"] = now
         m["magpie_hub"] = library_versions()["magpie-hub"]
-        m["recipe"] = {**recipe.model_dump(mode="json"), "backend_options": _safe_options(recipe.backend_options)}
+        m["recipe"] = redact_mapping(recipe.model_dump(mode="json"))   # every section: card, tags, options
         m["recipe_path"] = str(recipe_path)
         m["recipe_sha256"] = recipe_sha256(recipe)
         m["model"] = {"id": recipe.model, "revision": recipe.revision,
                       "sha": getattr(info, "model_revision", None), "backend": recipe.backend}
-        m["backend"] = {"name": recipe.backend, "options": _safe_options(recipe.backend_options),
+        m["backend"] = {"name": recipe.backend, "options": redact_mapping(recipe.backend_options),
                         "info": {"name": info.name, "model_id": info.model_id,
                                  "max_concurrency": info.max_concurrency}}
         m["templates"] = fmt.to_dict()
@@ -131,7 +127,7 @@ def build_manifest_update(out: Path, recipe: Recipe, recipe_path: Path, fmt, inf
         m["system_templates"] = _system_templates(recipe, fmt, configs)
         m["versions"] = library_versions()
         m["device"] = device_description(world)
-        m["card"] = recipe.card.model_dump(mode="json", exclude_none=True)
+        m["card"] = redact_mapping(recipe.card.model_dump(mode="json", exclude_none=True))
         m["totals"] = {
             "rows": sum(int(c.get("rows") or 0) for c in configs.values()),
             "generated_tokens": sum(int(c.get("generated_tokens") or 0) for c in configs.values()),

@@ -2,9 +2,11 @@
 
 :func:`compute_stats` streams the shards of every config (only the columns it needs, batch by batch, so
 memory stays flat in the number of text bytes) and returns per-config rows, length summaries (tokens when
-the ``*_length`` tag columns exist, else characters) and label distributions of the tag columns.
+the ``*_length`` tag columns exist, else characters), label distributions and number summaries of the
+columns the registry (:mod:`magpie_hub.tags`) marks for the card, in its order.
 :func:`analyze` adds the plots: length histograms, bar charts of the distributions and a seeded 2-D t-SNE
-map of a sample of instruction embeddings, and writes everything atomically into the dataset directory.
+map of a sample of instruction embeddings (the dedup step's saved ones where it embedded those rows with
+the same model), and writes everything atomically into the dataset directory.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,23 +26,30 @@ import pyarrow.parquet as pq
 from magpie_hub.dataset.directory import atomic_path, atomic_write_text, read_manifest
 from magpie_hub.errors import DatasetDirError, ModelError
 from magpie_hub.layout import ASSETS_DIR, SPLIT, STATS, config_names, shard_paths
+from magpie_hub.tags import Column, registered, registered_columns
+from magpie_hub.tags.dedup import DedupStep, saved_embeddings
+from magpie_hub.tags.dedup import embedding_model as dedup_embedding_model
 
 STATS_VERSION = 1
-DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-mpnet-base-v2"  # the paper's dedup model
 DEFAULT_MAX_POINTS = 2000
-# Label columns summarised as distributions, with the official label order where there is one.
-DISTRIBUTIONS: dict[str, tuple[str, ...] | None] = {
-    "task_category": None,
-    "difficulty": ("very easy", "easy", "medium", "hard", "very hard"),
-    "input_quality": ("very poor", "poor", "average", "good", "excellent"),
-    "language": None,
-    "category": None,
-    "safety": None,
-}
-NUMERIC = ("instruct_reward", "min_neighbor_distance")
 FIGSIZE, DPI = (9.0, 5.0), 100            # 900 x 500 px
 MAP_FIGSIZE = (8.0, 8.0)                  # 800 x 800 px
 BATCH = 65_536
+
+
+def distributions() -> dict[str, tuple[str, ...] | None]:
+    """Text columns the card summarises as label distributions, in card order, with the scale when ordinal."""
+    return {c.name: (c.labels if c.ordinal else None) for c in _card_columns(numeric=False)}
+
+
+def numbers() -> tuple[str, ...]:
+    """Numeric columns the card summarises (mean, median, p90, min, max), in card order."""
+    return tuple(c.name for c in _card_columns(numeric=True))
+
+
+def _card_columns(*, numeric: bool) -> list[Column]:
+    chosen = [c for c in registered_columns().values() if c.card is not None and c.numeric == numeric]
+    return sorted(chosen, key=lambda c: c.card)
 
 
 def config_shards(directory: Path) -> dict[str, list[Path]]:
@@ -74,12 +84,12 @@ def _config_stats(name: str, shards: list[Path]) -> tuple[dict, dict[str, np.nda
     sources = {w: _length_source(columns, w) for w in ("instruction", "response")}
     if not sources["instruction"][0]:
         raise DatasetDirError(f"config {name!r} has no instruction column (is this a magpie-hub dataset dir?)")
-    dists = [c for c in DISTRIBUTIONS if c in columns]
-    numeric = [c for c in NUMERIC if c in columns]
-    wanted = sorted({s[0] for s in sources.values() if s[0]} | set(dists) | set(numeric)
-                    | ({"turns"} & columns))
+    scales = distributions()
+    dists = [c for c in scales if c in columns]
+    numeric = [c for c in numbers() if c in columns]
+    wanted = sorted({s[0] for s in sources.values() if s[0]} | set(dists) | set(numeric))
     lengths: dict[str, list[np.ndarray]] = {w: [] for w in sources}
-    numbers: dict[str, list[np.ndarray]] = {c: [] for c in numeric + (["turns"] if "turns" in columns else [])}
+    values: dict[str, list[np.ndarray]] = {c: [] for c in numeric}
     counts: dict[str, Counter] = {c: Counter() for c in dists}
     missing: Counter = Counter()
     rows = 0
@@ -93,8 +103,8 @@ def _config_stats(name: str, shards: list[Path]) -> tuple[dict, dict[str, np.nda
                 if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
                     arr = pc.utf8_length(arr)
                 lengths[which].append(arr.drop_null().to_numpy(zero_copy_only=False).astype(np.float64))
-            for col in numbers:
-                numbers[col].append(batch.column(col).drop_null().to_numpy(zero_copy_only=False).astype(np.float64))
+            for col in values:
+                values[col].append(batch.column(col).drop_null().to_numpy(zero_copy_only=False).astype(np.float64))
             for col in dists:
                 arr = batch.column(col)
                 if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
@@ -107,13 +117,13 @@ def _config_stats(name: str, shards: list[Path]) -> tuple[dict, dict[str, np.nda
     for which, (col, unit) in sources.items():
         summary = _summary(joined[which]) if col else None      # None too for an empty config
         stats[f"{which}_length"] = {"unit": unit, "column": col, **summary} if summary else None
-    for col, parts in numbers.items():
+    for col, parts in values.items():
         stats[col] = _summary(np.concatenate(parts)) if parts else None
     stats["distributions"] = {}
     for col in dists:
         if not counts[col]:
             continue
-        order = DISTRIBUTIONS[col]
+        order = scales[col]
         keys = sorted(counts[col], key=lambda k: (order.index(k) if order and k in order else len(order or ()),
                                                   -counts[col][k], k))
         stats["distributions"][col] = {"counts": {k: counts[col][k] for k in keys}, "missing": missing[col]}
@@ -175,7 +185,7 @@ def _plot_lengths(which: str, stats: dict, lengths: dict, path: Path) -> bool:
     return True
 
 
-def _plot_distribution(column: str, stats: dict, path: Path, top: int = 15) -> bool:
+def _plot_distribution(column: str, order: tuple[str, ...] | None, stats: dict, path: Path, top: int = 15) -> bool:
     per_config = {c: s["distributions"][column]["counts"] for c, s in stats["configs"].items()
                   if column in s.get("distributions", {})}
     if not per_config:
@@ -183,7 +193,6 @@ def _plot_distribution(column: str, stats: dict, path: Path, top: int = 15) -> b
     total: Counter = Counter()
     for counts in per_config.values():
         total.update(counts)
-    order = DISTRIBUTIONS[column]
     labels = [k for k in order if k in total] if order else [k for k, _ in total.most_common(top)]
     labels += [k for k, _ in total.most_common() if k not in labels][: max(0, top - len(labels))]
     fig = _figure()
@@ -204,18 +213,20 @@ def _plot_distribution(column: str, stats: dict, path: Path, top: int = 15) -> b
 
 
 def _sample_instructions(shards: dict[str, list[Path]], stats: dict, max_points: int, seed: int,
-                         hue_column: str | None) -> tuple[list[str], list[str]]:
-    """Up to ``max_points`` rows drawn uniformly (seeded) over all configs: (instructions, hue labels)."""
+                         hue_column: str | None) -> tuple[list[str], list[str], list[str | None]]:
+    """Up to ``max_points`` rows drawn uniformly (seeded) over all configs: (instructions, hue labels, uuids)."""
     offsets, total = {}, 0
     for name in shards:
         offsets[name] = total
         total += stats["configs"][name]["rows"]
     take = np.sort(np.random.default_rng(seed).choice(total, size=min(max_points, total), replace=False))
-    texts, hues = [], []
+    texts, hues, uuids = [], [], []
     for name, paths in shards.items():
         lo = offsets[name]
         want = take[(take >= lo) & (take < lo + stats["configs"][name]["rows"])] - lo
-        cols = ["instruction"] + ([hue_column] if hue_column and hue_column in stats["configs"][name]["columns"] else [])
+        present = stats["configs"][name]["columns"]
+        cols = ["instruction"] + ([hue_column] if hue_column and hue_column in present else [])
+        cols += ["uuid"] if "uuid" in present else []
         pos = 0
         for path in paths:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH, columns=cols):
@@ -225,9 +236,10 @@ def _sample_instructions(shards: dict[str, list[Path]], stats: dict, max_points:
                     continue
                 part = batch.take(pa.array(idx))
                 texts += [t or "" for t in part.column("instruction").to_pylist()]
+                uuids += part.column("uuid").to_pylist() if "uuid" in cols else [None] * part.num_rows
                 hues += ([str(h) if h is not None else "(untagged)" for h in part.column(hue_column).to_pylist()]
                          if hue_column in cols else [name] * part.num_rows)
-    return texts, hues
+    return texts, hues, uuids
 
 
 def _check_offline_model(model: str) -> None:
@@ -255,12 +267,22 @@ def _embed(texts: list[str], model: str):
     return encoder.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
 
 
-def _plot_map(texts: list[str], hues: list[str], model: str, seed: int, path: Path) -> dict:
+def _vectors(directory: Path, uuids: Sequence[str | None], texts: list[str], model: str) -> np.ndarray:
+    """Embeddings of the sampled rows: the dedup step's saved vectors where ``model`` embedded these rows'
+    texts; only the others (all of them without a dedup run) are embedded now."""
+    vectors = saved_embeddings(directory, model, uuids, texts)
+    todo = [i for i, v in enumerate(vectors) if v is None]
+    if todo:
+        for i, v in zip(todo, _embed([texts[i] for i in todo], model), strict=True):
+            vectors[i] = v
+    return np.stack([np.asarray(v, dtype=np.float32) for v in vectors])
+
+
+def _plot_map(vectors: np.ndarray, hues: list[str], model: str, seed: int, path: Path) -> dict:
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
-    vectors = _embed(texts, model)
-    n = len(texts)
+    n = len(vectors)
     perplexity = float(min(30.0, (n - 1) / 3))
     # One thread: deterministic sums, and on a shared 2-core machine 2x faster than contended OpenMP
     # (2,000 points, 500 iterations: 28 s vs 65 s under load). Exact gradients are cheaper for tiny maps.
@@ -291,16 +313,17 @@ def model_label(model: str) -> str:
 
 
 def default_embedding_model(directory: Path) -> str:
-    """The near-duplicate tag step's embedding model: its recorded ``model`` option, else
-    ``$MAGPIE_HUB_EMBEDDING_MODEL``, else the paper's default (the same order the dedup step uses)."""
+    """The near-duplicate tag step's embedding model: its recorded ``model`` option, else the dedup step's
+    own default (``$MAGPIE_HUB_EMBEDDING_MODEL``, else the paper's)."""
     steps = (read_manifest(directory).get("tags") or {}).get("steps") or {}
+    dedup_columns = set(registered(DedupStep.name).names)
     for info in steps.values():
-        if isinstance(info, dict) and "min_neighbor_distance" in (info.get("columns") or ()):
+        if isinstance(info, dict) and dedup_columns & set(info.get("columns") or ()):
             options = info.get("options") or {}
             for key in ("model", "embedding_model"):
                 if isinstance(options.get(key), str) and options[key]:
                     return options[key]
-    return os.environ.get("MAGPIE_HUB_EMBEDDING_MODEL") or DEFAULT_EMBEDDING_MODEL
+    return dedup_embedding_model()
 
 
 def analyze(directory: Path, *, embedding_model: str | os.PathLike | None = None,
@@ -318,17 +341,19 @@ def analyze(directory: Path, *, embedding_model: str | os.PathLike | None = None
     for which in ("instruction", "response"):
         if _plot_lengths(which, stats, lengths, assets / f"{which}_length.png"):
             written[f"{which}_length"] = f"{ASSETS_DIR}/{which}_length.png"
-    for column in DISTRIBUTIONS:
-        if _plot_distribution(column, stats, assets / f"{column}.png"):
+    scales = distributions()
+    for column, order in scales.items():
+        if _plot_distribution(column, order, stats, assets / f"{column}.png"):
             written[column] = f"{ASSETS_DIR}/{column}.png"
     total = sum(c["rows"] for c in stats["configs"].values())
     stats["tsne"] = None
     if tsne and total >= 5 and max_points >= 5:
         hue = "task_category" if "task_category" in written else None
-        texts, hues = _sample_instructions(config_shards(directory), stats, max_points, seed, hue)
+        texts, hues, uuids = _sample_instructions(config_shards(directory), stats, max_points, seed, hue)
         model = str(embedding_model) if embedding_model is not None else default_embedding_model(directory)
         try:
-            stats["tsne"] = {**_plot_map(texts, hues, model, seed, assets / "instruction_tsne.png"),
+            vectors = _vectors(directory, uuids, texts, model)
+            stats["tsne"] = {**_plot_map(vectors, hues, model, seed, assets / "instruction_tsne.png"),
                              "color": hue or "config"}
             written["instruction_tsne"] = f"{ASSETS_DIR}/instruction_tsne.png"
         except ModelError as exc:
@@ -336,12 +361,10 @@ def analyze(directory: Path, *, embedding_model: str | os.PathLike | None = None
                 raise
             stats["tsne"] = {"skipped": str(exc)}
             print(f"warning: {exc}; the card gets no t-SNE map", file=sys.stderr)
+    ours = {"instruction_length", "response_length", "instruction_tsne", *scales}
     for stale in assets.glob("*.png") if assets.is_dir() else ():  # plots of columns that are gone
-        if f"{ASSETS_DIR}/{stale.name}" not in written.values() and stale.stem in _OUR_PLOTS:
+        if f"{ASSETS_DIR}/{stale.name}" not in written.values() and stale.stem in ours:
             stale.unlink()
     stats["assets"] = written
     atomic_write_text(directory / STATS, json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     return stats
-
-
-_OUR_PLOTS = {"instruction_length", "response_length", "instruction_tsne", *DISTRIBUTIONS}

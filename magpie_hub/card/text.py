@@ -18,14 +18,15 @@ import math
 import re
 from typing import Any
 
+from magpie_hub.errors import has_secret, is_secret_key
+
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x85\u200b-\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]")
 _MD_PUNCT = re.compile(r"([\\`*_{}\[\]()#+!|~$])")
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 _HTML_TAG = re.compile(r"<[A-Za-z!/?]")
-_SECRET = re.compile(r"hf_[A-Za-z0-9]{8,}")
 _LOCAL_PATH = re.compile(r"^(~|/|[A-Za-z]:[\\/]|\.\.?/)")
-_SKIP_KEYS = {"token", "hf_token", "api_key", "password", "secret", "authorization", "headers", "out",
-              "output", "output_dir", "path", "cwd", "hostname", "host", "user"}
+# keys never shown, besides secret keys (errors.is_secret_key): local paths, hosts, users, headers
+_PRIVATE_KEYS = {"headers", "out", "output", "output_dir", "path", "cwd", "hostname", "host", "user"}
 
 
 def one_line(value: Any, limit: int | None = None) -> str:
@@ -93,14 +94,14 @@ def flatten(value: Any, prefix: str = "", limit: int = 60) -> list[tuple[str, An
             return
         if isinstance(obj, dict):
             for k, v in obj.items():
-                if str(k).lower() not in _SKIP_KEYS:
+                if str(k).lower() not in _PRIVATE_KEYS and not is_secret_key(k):
                     walk(v, f"{key}.{k}" if key else str(k))
         elif isinstance(obj, list) and obj and all(isinstance(x, (dict, list)) for x in obj):
             for i, v in enumerate(obj):
                 walk(v, f"{key}[{i}]")
         elif isinstance(obj, list):
             out.append((key, ", ".join(str(x) for x in obj)))
-        elif isinstance(obj, str) and (_LOCAL_PATH.match(obj) or _SECRET.search(obj)):
+        elif isinstance(obj, str) and (_LOCAL_PATH.match(obj) or has_secret(obj)):
             out.append((key, "(local path)" if _LOCAL_PATH.match(obj) else "***"))
         else:
             out.append((key, obj))

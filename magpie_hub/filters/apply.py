@@ -28,7 +28,7 @@ from magpie_hub.dataset.directory import (
 )
 from magpie_hub.dataset.shards import write_config
 from magpie_hub.errors import DatasetDirError
-from magpie_hub.filters.base import COLUMN_HINTS, RuleOutcome, step_for
+from magpie_hub.filters.base import RuleOutcome, how_to_get
 from magpie_hub.filters.presets import FilterSpec, load_filter_spec
 from magpie_hub.layout import MANIFEST, SPLIT, config_names
 
@@ -60,11 +60,8 @@ def _check_columns(spec: FilterSpec, tables: dict[str, pa.Table]) -> None:
         for column in rule.columns:
             missing = [c for c, t in tables.items() if column not in t.column_names]
             if missing:
-                step = step_for(column)
-                fix = COLUMN_HINTS.get(column) or (f"run `magpie-hub tag DIR --step {step}` first" if step
-                                                   else "use a column the dataset has")
                 raise DatasetDirError(f"filter rule '{rule.describe()}' needs column {column!r}, missing in "
-                                      f"config {missing[0]!r}; {fix}")
+                                      f"config {missing[0]!r}; {how_to_get(column)}")
 
 
 def apply_spec(spec: FilterSpec, tables: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], FilterReport]:

@@ -2,59 +2,34 @@
 
 A filter recipe is an ordered list of rules (see :mod:`magpie_hub.filters.rules` for the kinds and
 :mod:`magpie_hub.filters.presets` for the YAML). Each rule names the columns it reads; a column that a
-dataset lacks is reported with the tag step that produces it, before anything is written.
+dataset lacks is reported with the tag step that produces it (the column registry, :mod:`magpie_hub.tags`),
+before anything is written.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
-# Ordered label scales of the judge tags (magpie-method.md): comparisons like ``input_quality >= average``.
-ORDINAL_SCALES: dict[str, tuple[str, ...]] = {
-    "input_quality": ("very poor", "poor", "average", "good", "excellent"),
-    "difficulty": ("very easy", "easy", "medium", "hard", "very hard"),
-}
-
-# Which ``magpie-hub tag --step NAME`` produces a column (for the "missing column" error).
-COLUMN_STEPS: dict[str, str] = {
-    "instruction_length": "lengths",
-    "response_length": "lengths",
-    "instruction_chars": "lengths",
-    "response_chars": "lengths",
-    "language": "language",
-    "min_neighbor_distance": "dedup",
-    "repeat_count": "dedup",
-    "min_similar_uuid": "dedup",
-    "task_category": "task_category",
-    "other_task_category": "task_category",
-    "difficulty": "difficulty",
-    "intent": "difficulty",
-    "knowledge": "difficulty",
-    "input_quality": "quality",
-    "quality_explanation": "quality",
-    "instruct_reward": "reward",
-    "base_reward": "reward",
-    "reward_difference": "reward",
-    "llama_guard_2": "safety",
-    "safety": "safety",
-}
+from magpie_hub.tags import registered_columns, step_for
 
 
-# Columns a plain ``--step`` run does not write: how to get them instead.
-COLUMN_HINTS: dict[str, str] = {
-    "base_reward": "run the reward tag step with a base-model response column: "
-                   "tags: [{reward: {base_column: COLUMN}}]",
-    "reward_difference": "run the reward tag step with a base-model response column: "
-                         "tags: [{reward: {base_column: COLUMN}}]",
-}
+def ordinal_scales() -> dict[str, tuple[str, ...]]:
+    """Ordered label scales of the registered tag columns (:mod:`magpie_hub.tags`), lowest first:
+    comparisons like ``input_quality >= average`` compare ranks on them."""
+    return {c.name: c.labels for c in registered_columns().values() if c.ordinal}
 
 
-def step_for(column: str) -> str | None:
-    """The tag step that writes ``column`` (None for generation columns or unknown ones)."""
-    return COLUMN_STEPS.get(column)
+def how_to_get(column: str) -> str:
+    """The fix for a rule on a column the dataset lacks: the registry's hint, else the step that writes it."""
+    declared = registered_columns().get(column)
+    if declared is not None and declared.hint:
+        return declared.hint
+    step = step_for(column)
+    return f"run `magpie-hub tag DIR --step {step}` first" if step else "use a column the dataset has"
 
 
 @dataclass
@@ -73,6 +48,12 @@ class FilterRule(abc.ABC):
 
     kind: str = "rule"
     selection: bool = False
+
+    @classmethod
+    @abc.abstractmethod
+    def parse(cls, spec: Any) -> FilterRule | None:
+        """This kind's rule from one entry of a filter YAML's ``rules:`` list (RecipeError when it is this
+        kind's form with bad values); None when ``spec`` is another kind's form."""
 
     @property
     @abc.abstractmethod

@@ -1,4 +1,4 @@
-"""The filter rule kinds (one class each) and the parser of their YAML forms.
+"""The filter rule kinds: one class each, registered in ``RULES`` (kind -> class); each parses its own forms.
 
 Forms accepted in a filter YAML's ``rules:`` list (applied in order; keep-longest-N always last):
 
@@ -18,7 +18,9 @@ counted separately in the report.
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -26,16 +28,12 @@ import pyarrow.compute as pc
 import yaml
 
 from magpie_hub.errors import RecipeError
-from magpie_hub.filters.base import ORDINAL_SCALES, FilterRule
+from magpie_hub.filters.base import FilterRule, ordinal_scales
 
 _SYMBOL_OPS = {">": "greater", ">=": "greater_equal", "<": "less", "<=": "less_equal",
                "==": "equal", "!=": "not_equal"}
 _MATCH_OPS = {"startswith": "starts_with", "endswith": "ends_with", "contains": "match_substring"}
 
-_SYMBOL_RE = re.compile(r"^\s*(?P<col>[A-Za-z_]\w*)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<val>.+?)\s*$")
-_WORD_RE = re.compile(
-    r"^\s*(?P<col>[A-Za-z_]\w*)\s+(?P<neg>not\s+)?(?P<op>startswith|endswith|contains|in)\s+(?P<val>.+?)\s*$"
-)
 _LONGEST_RE = re.compile(r"^\s*keep_longest\s+(?P<n>\d+)(?:\s+by\s+(?P<by>[A-Za-z_]\w*))?\s*$")
 
 
@@ -48,6 +46,83 @@ def _scalar(table: pa.Table, column: str, rule: FilterRule) -> pa.ChunkedArray:
     return values
 
 
+def _parse_value(text: str, rule: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise RecipeError(f"filter rule '{rule}': cannot read the value {text!r}; quote strings, e.g. "
+                          "instruction not endswith \":\"") from None
+
+
+@lru_cache(maxsize=8)
+def _form_patterns(operators: tuple[str, ...]) -> tuple[re.Pattern, re.Pattern]:
+    """``COLUMN [not] WORD VALUE`` and ``COLUMN SYMBOL VALUE`` for the registered operators."""
+    def alternatives(ops: list[str]) -> str:
+        return "|".join(re.escape(op) for op in sorted(ops, key=len, reverse=True))  # ">=" before ">"
+
+    words = alternatives([op for op in operators if op.isidentifier()])
+    symbols = alternatives([op for op in operators if not op.isidentifier()])
+    return (re.compile(rf"^\s*(?P<col>[A-Za-z_]\w*)\s+(?P<neg>not\s+)?(?P<op>{words})\s+(?P<val>.+?)\s*$"),
+            re.compile(rf"^\s*(?P<col>[A-Za-z_]\w*)\s*(?P<op>{symbols})\s*(?P<val>.+?)\s*$"))
+
+
+@dataclass(frozen=True)
+class ColumnForm:
+    """The parts of a column rule: ``COLUMN [not] OP VALUE`` (a string) or ``{column, op, value}``."""
+
+    column: str
+    op: str
+    value: Any
+    negate: bool
+    text: str
+
+    @classmethod
+    def of(cls, spec: Any) -> ColumnForm | None:
+        """The parts of ``spec``, None when it is not a column rule's form (string forms: with one of the
+        operators of the registered column rules)."""
+        if isinstance(spec, str):
+            text = spec.strip()
+            word_re, symbol_re = _form_patterns(column_operators())
+            if m := word_re.match(text):
+                column, op = m["col"], ("not " if m["neg"] else "") + m["op"]
+            elif m := symbol_re.match(text):
+                column, op = m["col"], m["op"]
+            else:
+                return None
+            value = _parse_value(m["val"], text)
+        elif isinstance(spec, dict) and set(spec) == {"column", "op", "value"} and isinstance(spec["column"], str):
+            column, op, value, text = spec["column"], spec["op"], spec["value"], str(spec)
+        else:
+            return None
+        op = " ".join(str(op).split())
+        negate = op.startswith("not ")
+        return cls(column, op[4:] if negate else op, value, negate, text)
+
+
+class ColumnRule(FilterRule):
+    """A rule on one column, written ``COLUMN [not] OP VALUE`` or ``{column: C, op: OP, value: V}``;
+    a subclass names its ``operators`` and builds itself from the parsed form."""
+
+    operators: ClassVar[tuple[str, ...]]
+    negatable: ClassVar[bool] = True     # may follow ``not``
+    column: str
+
+    @classmethod
+    def parse(cls, spec: Any) -> ColumnRule | None:
+        form = ColumnForm.of(spec)
+        if form is None or form.op not in cls.operators or (form.negate and not cls.negatable):
+            return None
+        return cls.from_form(form)
+
+    @classmethod
+    def from_form(cls, form: ColumnForm) -> ColumnRule:
+        raise NotImplementedError(f"filter rule kind {cls.kind!r} must implement from_form()")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column,)
+
+
 def _finish(result: pa.Array | pa.ChunkedArray) -> tuple[pa.BooleanArray, int]:
     """Nulls in a comparison result mean "unknown": removed, and counted."""
     nulls = int(result.null_count)
@@ -57,17 +132,20 @@ def _finish(result: pa.Array | pa.ChunkedArray) -> tuple[pa.BooleanArray, int]:
     return mask, nulls
 
 
-class CompareRule(FilterRule):
+class CompareRule(ColumnRule):
     """``COLUMN OP VALUE`` on a numeric column, an ordered-label column, or (== / !=) a string column."""
 
     kind = "compare"
+    operators = tuple(_SYMBOL_OPS)
+    negatable = False
 
     def __init__(self, column: str, op: str, value: Any):
         if op not in _SYMBOL_OPS:
             raise RecipeError(f"filter rule on {column!r}: unknown operator {op!r}; use one of "
                               f"{' '.join(_SYMBOL_OPS)}")
         self.column, self.op, self.value = column, op, value
-        self.scale = ORDINAL_SCALES.get(column)
+        scales = ordinal_scales()
+        self.scale = scales.get(column)
         if self.scale is not None:
             label = str(value).strip().lower()
             if label not in self.scale:
@@ -78,11 +156,11 @@ class CompareRule(FilterRule):
             raise RecipeError(f"filter rule '{self.describe()}': compare with a number or a string")
         elif isinstance(value, str) and op not in ("==", "!="):
             raise RecipeError(f"filter rule '{self.describe()}': {op} needs a number (or an ordered label of "
-                              f"{', '.join(ORDINAL_SCALES)})")
+                              f"{', '.join(scales)})")
 
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return (self.column,)
+    @classmethod
+    def from_form(cls, form: ColumnForm) -> CompareRule:
+        return cls(form.column, form.op, form.value)
 
     def describe(self) -> str:
         value = self.value if not isinstance(self.value, str) or self.scale else f'"{self.value}"'
@@ -106,10 +184,11 @@ class CompareRule(FilterRule):
         return _finish(func(values, pa.scalar(float(self.value))))
 
 
-class MatchRule(FilterRule):
+class MatchRule(ColumnRule):
     """``COLUMN [not] startswith|endswith|contains "TEXT"`` (exact, case-sensitive, no trimming)."""
 
     kind = "match"
+    operators = tuple(_MATCH_OPS)
 
     def __init__(self, column: str, op: str, pattern: Any, negate: bool = False):
         if op not in _MATCH_OPS:
@@ -120,9 +199,9 @@ class MatchRule(FilterRule):
                               f"{column} not {op} \":\"")
         self.column, self.op, self.pattern, self.negate = column, op, pattern, negate
 
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return (self.column,)
+    @classmethod
+    def from_form(cls, form: ColumnForm) -> MatchRule:
+        return cls(form.column, form.op, form.value, negate=form.negate)
 
     def describe(self) -> str:
         return f"{self.column} {'not ' if self.negate else ''}{self.op} {self.pattern!r}"
@@ -135,22 +214,23 @@ class MatchRule(FilterRule):
         return _finish(pc.invert(hit) if self.negate else hit)
 
 
-class MembershipRule(FilterRule):
+class MembershipRule(ColumnRule):
     """``COLUMN [not] in [A, B, ...]`` (labels of the ordered scales are matched case-insensitively)."""
 
     kind = "membership"
+    operators = ("in",)
 
     def __init__(self, column: str, values: Any, negate: bool = False):
         if not isinstance(values, list) or not values:
             raise RecipeError(f"filter rule on {column!r}: 'in' needs a non-empty list, e.g. {column} in [a, b]")
         self.column, self.values, self.negate = column, values, negate
-        self.fold = column in ORDINAL_SCALES
+        self.fold = column in ordinal_scales()
         if self.fold:
             self.values = [str(v).strip().lower() for v in values]
 
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return (self.column,)
+    @classmethod
+    def from_form(cls, form: ColumnForm) -> MembershipRule:
+        return cls(form.column, form.value, negate=form.negate)
 
     def describe(self) -> str:
         return f"{self.column} {'not ' if self.negate else ''}in [{', '.join(map(str, self.values))}]"
@@ -174,6 +254,16 @@ class DedupRule(FilterRule):
     row's own ``uuid`` (it is the first row of its group); the other group members go."""
 
     kind = "dedup"
+
+    @classmethod
+    def parse(cls, spec: Any) -> DedupRule | None:
+        if isinstance(spec, str) and spec.strip() == "dedup":
+            return cls()
+        if isinstance(spec, dict) and set(spec) == {"dedup"}:
+            if spec["dedup"] in (True, None, {}):
+                return cls()
+            raise RecipeError("filter rule 'dedup' takes no options; write '- dedup'")
+        return None
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -203,6 +293,20 @@ class KeepLongestRule(FilterRule):
             raise RecipeError("filter rule keep_longest: 'by' must name a numeric column, e.g. response_length")
         self.n, self.by = n, by
 
+    @classmethod
+    def parse(cls, spec: Any) -> KeepLongestRule | None:
+        if isinstance(spec, str):
+            m = _LONGEST_RE.match(spec.strip())
+            return cls(int(m["n"]), by=m["by"] or "response_length") if m else None
+        if not (isinstance(spec, dict) and set(spec) == {"keep_longest"}):
+            return None
+        opts = spec["keep_longest"]
+        if isinstance(opts, int) and not isinstance(opts, bool):
+            return cls(opts)
+        if isinstance(opts, dict) and set(opts) <= {"n", "by"} and "n" in opts:
+            return cls(opts["n"], by=opts.get("by", "response_length"))
+        raise RecipeError("filter rule keep_longest needs {n: N} and optionally {by: COLUMN}")
+
     @property
     def columns(self) -> tuple[str, ...]:
         return (self.by,)
@@ -225,57 +329,32 @@ class KeepLongestRule(FilterRule):
         return pa.array(mask), nulls
 
 
-def _parse_value(text: str, rule: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise RecipeError(f"filter rule '{rule}': cannot read the value {text!r}; quote strings, e.g. "
-                          "instruction not endswith \":\"") from None
+# kind -> rule class; parse_rule asks them in this order (keywords before column forms).
+RULES: dict[str, type[FilterRule]] = {
+    rule.kind: rule for rule in (DedupRule, KeepLongestRule, CompareRule, MatchRule, MembershipRule)
+}
 
 
-def _from_parts(column: str, op: str, value: Any, rule: str) -> FilterRule:
-    negate = False
-    op = " ".join(str(op).split())
-    if op.startswith("not "):
-        negate, op = True, op[4:]
-    if op in _SYMBOL_OPS and not negate:
-        return CompareRule(column, op, value)
-    if op in _MATCH_OPS:
-        return MatchRule(column, op, value, negate=negate)
-    if op == "in":
-        return MembershipRule(column, value, negate=negate)
-    raise RecipeError(f"filter rule '{rule}': unknown operator {'not ' if negate else ''}{op}; use > >= < <= == "
-                      "!= startswith endswith contains in (the last four may follow 'not')")
+def column_operators(*, negatable: bool = False) -> tuple[str, ...]:
+    """The operators of the registered column rules (only those that may follow ``not`` if asked)."""
+    return tuple(op for rule in RULES.values() if issubclass(rule, ColumnRule)
+                 and (rule.negatable or not negatable) for op in rule.operators)
 
 
 def parse_rule(spec: Any) -> FilterRule:
-    """Build a rule from one entry of a filter YAML's ``rules:`` list."""
+    """Build a rule from one entry of a filter YAML's ``rules:`` list: the first registered kind that
+    recognises the form."""
+    for kind in RULES.values():
+        rule = kind.parse(spec)
+        if rule is not None:
+            return rule
+    form = ColumnForm.of(spec)
+    if form is not None:
+        raise RecipeError(f"filter rule '{form.text}': unknown operator {'not ' if form.negate else ''}{form.op}; "
+                          f"use {' '.join(column_operators())} ({' '.join(column_operators(negatable=True))} "
+                          "may follow 'not')")
     if isinstance(spec, str):
-        text = spec.strip()
-        if text == "dedup":
-            return DedupRule()
-        if m := _LONGEST_RE.match(text):
-            return KeepLongestRule(int(m["n"]), by=m["by"] or "response_length")
-        if m := _WORD_RE.match(text):
-            neg = "not " if m["neg"] else ""
-            return _from_parts(m["col"], neg + m["op"], _parse_value(m["val"], text), text)
-        if m := _SYMBOL_RE.match(text):
-            return _from_parts(m["col"], m["op"], _parse_value(m["val"], text), text)
-        raise RecipeError(f"filter rule {text!r} is not understood; write e.g. 'input_quality >= average', "
+        raise RecipeError(f"filter rule {spec.strip()!r} is not understood; write e.g. 'input_quality >= average', "
                           "'instruction not endswith \":\"', 'dedup' or 'keep_longest 300000'")
-    if isinstance(spec, dict):
-        if set(spec) == {"dedup"}:
-            if spec["dedup"] in (True, None, {}):
-                return DedupRule()
-            raise RecipeError("filter rule 'dedup' takes no options; write '- dedup'")
-        if set(spec) == {"keep_longest"}:
-            opts = spec["keep_longest"]
-            if isinstance(opts, int) and not isinstance(opts, bool):
-                return KeepLongestRule(opts)
-            if isinstance(opts, dict) and set(opts) <= {"n", "by"} and "n" in opts:
-                return KeepLongestRule(opts["n"], by=opts.get("by", "response_length"))
-            raise RecipeError("filter rule keep_longest needs {n: N} and optionally {by: COLUMN}")
-        if set(spec) == {"column", "op", "value"} and isinstance(spec["column"], str):
-            return _from_parts(spec["column"], spec["op"], spec["value"], str(spec))
     raise RecipeError(f"filter rule {spec!r} is not understood; use a string like 'instruct_reward > -12' or "
                       "{column: C, op: OP, value: V}")

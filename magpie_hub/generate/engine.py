@@ -29,7 +29,13 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from magpie_hub.generate.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
+from magpie_hub.generate.backends.base import (
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    cut_at_stop,
+)
 
 Role = Literal["user", "assistant"]
 
@@ -197,8 +203,9 @@ class ConversationEngine:
         if result.finish_reason == "error":
             return "error", ""
         text, finish = result.text or "", result.finish_reason
-        if newline and role == "user" and "\n" in text:
-            text, finish = text.split("\n", 1)[0], "stop"
+        if newline and role == "user":
+            text, cut = cut_at_stop(text, ("\n",))
+            finish = "stop" if cut else finish
         if finish == "length" and opts.drop_truncated:
             return "truncated", text
         if opts.strip:

@@ -10,25 +10,34 @@ the callers import it lazily after. ``HF_HUB_DISABLE_XET`` is the user's choice 
 test Hub) needs ``HF_HUB_DISABLE_XET=1``, which :func:`call` says in one line when it sees that failure.
 
 :func:`call` retries transient failures (429, 408, 5xx, dropped connections) with exponential backoff and
-jitter (``MAGPIE_HUB_RETRIES`` tries after the first, default 5) and fails fast, in one line, on
-everything else (401, 403, 404, conflicts).
+jitter (``MAGPIE_HUB_RETRIES`` tries after the first, default 5; the loop of :mod:`magpie_hub.retry`) and
+fails fast, in one line, on everything else (401, 403, 404, conflicts), told apart by the
+``huggingface_hub.errors`` type of the failure.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from magpie_hub.errors import HubError, redact
-from magpie_hub.retry import RETRYABLE_STATUS, backoff_delay, parse_retry_after
+from magpie_hub import __version__
+from magpie_hub.errors import HubError, env_file_values, read_secret, redact, register_secret
+from magpie_hub.retry import (
+    RETRYABLE_STATUS,
+    RetriesExhausted,
+    RetryPolicy,
+    Transient,
+    attribute,
+    exception_chain,
+    retry_after,
+    retry_sync,
+)
 
 T = TypeVar("T")
 _XET_ENDPOINT = "xet-write-token"  # asked first by Xet uploads; a Hub without Xet answers 404
-_TRANSIENT_NAMES = {"TransportError", "TimeoutException", "ConnectionError", "TimeoutError"}
 
 
 class HubUnavailableError(HubError):
@@ -43,11 +52,8 @@ class ConcurrentPushError(HubError):
 
 def load_env() -> None:
     """Load ``./.env`` into the environment (never overriding) and honour its HF_HUB_DISABLE_XET."""
-    from dotenv import load_dotenv
-
-    env_file = Path.cwd() / ".env"
-    if env_file.is_file():
-        load_dotenv(env_file, override=False)
+    for name, value in env_file_values(Path.cwd() / ".env").items():
+        os.environ.setdefault(name, value)
     if "huggingface_hub" in sys.modules:  # imported before .env was read: apply the user's setting now
         from huggingface_hub import constants
 
@@ -65,19 +71,19 @@ def endpoint() -> str:
 def resolve_token() -> str | None:
     """The Hub token from HF_TOKEN, ./.env or the huggingface_hub login; None when there is none."""
     load_env()
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    token = read_secret("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
     if token:
         return token.strip()
     from huggingface_hub import get_token
 
-    return get_token()
+    token = get_token()
+    register_secret(token)
+    return token
 
 
 def hub_api(token: str | None):
     """An ``HfApi`` bound to :func:`endpoint` and ``token``."""
     from huggingface_hub import HfApi
-
-    from magpie_hub import __version__
 
     return HfApi(endpoint=endpoint(), token=token, library_name="magpie-hub", library_version=__version__)
 
@@ -89,63 +95,58 @@ def max_retries() -> int:
         raise HubError("MAGPIE_HUB_RETRIES must be an integer (number of retries)") from None
 
 
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _attr(obj: Any, name: str) -> Any:
-    """``obj.name`` or None (httpx errors raise RuntimeError for an unset ``.request``)."""
-    try:
-        return getattr(obj, name, None)
-    except RuntimeError:
-        return None
-
-
-def status_of(exc: BaseException) -> int | None:
-    """The HTTP status of a huggingface_hub/httpx error, None when it has no response."""
-    return _attr(_attr(exc, "response"), "status_code")
+def _status(exc: BaseException) -> int | None:
+    return attribute(attribute(exc, "response"), "status_code")
 
 
 def is_transient(exc: BaseException) -> tuple[bool, float | None]:
     """(retry?, Retry-After seconds) for an exception raised by huggingface_hub / its HTTP client."""
-    for e in _chain(exc):
-        if type(e).__name__ == "OfflineModeIsEnabled" or _XET_ENDPOINT in str(e):
+    import httpx2
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    for e in exception_chain(exc):
+        if isinstance(e, OfflineModeIsEnabled) or _XET_ENDPOINT in str(e):
             return False, None
-        status = status_of(e)
+        status = _status(e)
         if status is not None:
-            headers = _attr(_attr(e, "response"), "headers") or {}
-            return status in RETRYABLE_STATUS, parse_retry_after(headers.get("Retry-After"))
-        if {c.__name__ for c in type(e).__mro__} & _TRANSIENT_NAMES:
+            return status in RETRYABLE_STATUS, retry_after(attribute(e, "response"))
+        if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)):
             return True, None
     return False, None
 
 
 def _describe(exc: BaseException) -> str:
-    for e in _chain(exc):
-        status = status_of(e)
+    for e in exception_chain(exc):
+        status = _status(e)
         if status is not None:
-            msg = _attr(e, "server_message") or _attr(_attr(e, "response"), "reason_phrase") or ""
+            msg = attribute(e, "server_message") or attribute(attribute(e, "response"), "reason_phrase") or ""
             return " ".join(f"HTTP {status}{': ' + msg if msg else ''}".split())
     return " ".join(f"{type(exc).__name__}: {exc}".split()).rstrip(": ")[:300]
 
 
 def translate(exc: BaseException, what: str, repo: str) -> HubError:
     """One-line HubError naming the fix for a failed Hub call."""
-    for e in _chain(exc):
-        name = type(e).__name__
-        url = str(_attr(_attr(e, "request"), "url") or "")
-        status = status_of(e)
-        if name == "OfflineModeIsEnabled":
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    for e in exception_chain(exc):
+        url = str(attribute(attribute(e, "request"), "url") or "")
+        status = _status(e)
+        if isinstance(e, OfflineModeIsEnabled):
             return HubError(f"{what}: HF_HUB_OFFLINE=1 is set; unset it to reach the Hub")
         if _XET_ENDPOINT in url or _XET_ENDPOINT in str(e):
             return HubError(f"{what}: the Hub at {endpoint()} does not offer Xet storage; "
                             f"set HF_HUB_DISABLE_XET=1 to upload over plain LFS")
-        if status == 401 or (status == 404 and name == "RepositoryNotFoundError"):
-            if status == 401 and (_attr(_attr(e, "response"), "headers") or {}).get("X-Error-Code") != "RepoNotFound":
+        if isinstance(e, GatedRepoError):
+            return HubError(f"{what}: repository {repo} is gated (HTTP {status}); accept its access conditions "
+                            f"on the Hub with the token's account")
+        if status == 401 or (status == 404 and isinstance(e, RepositoryNotFoundError)):
+            if status == 401 and (attribute(attribute(e, "response"), "headers") or {}).get("X-Error-Code") \
+                    != "RepoNotFound":
                 return HubError(f"{what}: the Hub rejected the token (HTTP 401); set a valid write token "
                                 f"in HF_TOKEN, ./.env or with `hf auth login`")
             return HubError(f"{what}: repository {repo} not found or not visible to this token (check ORG/NAME "
@@ -153,7 +154,7 @@ def translate(exc: BaseException, what: str, repo: str) -> HubError:
         if status == 403:
             return HubError(f"{what}: the token may not write to {repo} (HTTP 403); use a token with write "
                             f"access to that namespace")
-        if status == 404 and name == "RevisionNotFoundError":
+        if status == 404 and isinstance(e, RevisionNotFoundError):
             return HubError(f"{what}: revision not found in {repo} (HTTP 404); check the branch or tag name")
         if status == 404:
             return HubError(f"{what}: not found (HTTP 404); check {repo} and the revision")
@@ -172,23 +173,23 @@ def call(what: str, repo: str, fn: Callable[..., T], *args: Any, **kwargs: Any) 
     ``fn`` must be safe to call again (the caller rebuilds non-reusable objects inside it).
     """
     retries = max_retries()
-    for attempt in range(retries + 1):
-        try:
-            return fn(*args, **kwargs)
-        except MemoryError:
-            raise
-        except HubError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified below
-            transient, retry_after = is_transient(exc)
-            if not transient:
-                raise translate(exc, what, repo) from None
-            if attempt == retries:
-                raise HubUnavailableError(
-                    f"{what}: the Hub kept failing ({redact(_describe(exc))}) after {retries + 1} tries; "
-                    f"re-run the same command (nothing was tagged; uploaded files are kept and skipped)") from None
-            delay = backoff_delay(attempt, base=1.0, cap=60.0, retry_after=retry_after)
-            print(f"warning: {what}: {redact(_describe(exc))}; retry {attempt + 1}/{retries} in {delay:.1f}s",
+
+    def classify(exc: Exception) -> Transient:
+        if isinstance(exc, (HubError, MemoryError)):
+            raise exc
+        transient, wait = is_transient(exc)
+        if not transient:
+            raise translate(exc, what, repo) from None
+        return Transient(redact(_describe(exc)), wait)
+
+    def warn(failure: Transient, attempt: int, delay: float | None) -> None:
+        if delay is not None:
+            print(f"warning: {what}: {failure.reason}; retry {attempt + 1}/{retries} in {delay:.1f}s",
                   file=sys.stderr)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+
+    try:
+        return retry_sync(lambda: fn(*args, **kwargs), RetryPolicy(retries, base=1.0, cap=60.0), classify, warn)
+    except RetriesExhausted as exc:
+        raise HubUnavailableError(
+            f"{what}: the Hub kept failing ({exc.failure.reason}) after {retries + 1} tries; "
+            f"re-run the same command (nothing was tagged; uploaded files are kept and skipped)") from None

@@ -29,9 +29,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from magpie_hub import __version__
 from magpie_hub.errors import DatasetDirError, HubError
-from magpie_hub.hub.client import call, hub_api, resolve_token, status_of
+from magpie_hub.hub.client import call, hub_api, resolve_token
 from magpie_hub.layout import MANIFEST, README, REPO_RE, SPLIT, VERSION_RE, config_names
+from magpie_hub.retry import http_status
 
 KEEP_REMOTE = frozenset({".gitattributes"})  # the repo's LFS rules: never deleted
 REPO_TYPE = "dataset"
@@ -184,8 +186,6 @@ def _refuse_or_noop(api, repo: str, version: str, commit: str, local: list[Local
                    f"it as a new version, e.g. --version v{major}.{minor}.{patch + 1}")
 
 
-
-
 def _commit(api, repo: str, branch: str, head: str, plan: Plan, message: str, description: str,
             local: list[LocalFile]) -> str:
     """ONE create_commit on top of ``head``. Before a retry, a commit that landed although its answer was
@@ -215,7 +215,7 @@ def _tag(api, repo: str, version: str, commit: str) -> None:
         try:
             api.create_tag(repo, tag=version, revision=commit, repo_type=REPO_TYPE, tag_message=f"{repo} {version}")
         except Exception as exc:
-            if status_of(exc) != 409:
+            if http_status(exc) != 409:
                 raise
             target = _refs(api, repo)[1].get(version)  # e.g. a retried request whose first answer was lost
             if target != commit:
@@ -263,8 +263,6 @@ def publish(directory: Path | str, repo: str, version: str, private: bool = Fals
         commit, status = head, "tagged"
         console.print(f"{branch} head {head[:12]} already holds exactly this content: tagging it")
     else:
-        from magpie_hub import __version__
-
         description = (f"Published with magpie-hub {__version__}: {plan.summary()}.\n\n"
                        f"Load it: load_dataset({repo!r}, CONFIG, revision={version!r})")
         commit = _commit(api, repo, branch, head, plan, message or f"Publish {version}", description, local)

@@ -5,7 +5,7 @@ never mixes two states of a branch. Rows per config come from the card's ``datas
 (the Hub's ``cardData``); when a card has none, from the Parquet footers. The diff reads Parquet through
 ``HfFileSystem`` (range requests: footers for rows and columns, then only the tag columns, batch by
 batch, so memory stays flat in the dataset size) and reports configs added/removed, rows, columns and
-the shift of the ``category`` / ``difficulty`` / ``language`` / ``task_category`` distributions.
+the shift of the label distributions the column registry (:mod:`magpie_hub.tags`) marks ``diff``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from magpie_hub.errors import HubError
 from magpie_hub.hub.client import call, endpoint, hub_api, resolve_token
 from magpie_hub.hub.publish import REPO_TYPE
 from magpie_hub.layout import REPO_RE, SPLIT
+from magpie_hub.tags import registered_columns
 
-DISTRIBUTION_COLUMNS = ("category", "difficulty", "language", "task_category")
 TOP_VALUES = 12
 _SEMVER = re.compile(r"^v(\d+)\.(\d+)\.(\d+)$")
 
@@ -42,6 +42,11 @@ class Snapshot:
     date: str
     card: dict
     files: list[str]
+
+
+def distribution_columns() -> tuple[str, ...]:
+    """The columns whose distribution shift a diff reports (registry ``diff``), by name."""
+    return tuple(sorted(c.name for c in registered_columns().values() if c.diff))
 
 
 def _version_key(tag: str):
@@ -134,7 +139,7 @@ class ParquetReader:
                     pf = pq.ParquetFile(fh)
                     names = pf.schema_arrow.names
                     counts: dict[str, Counter] = {}
-                    wanted = [c for c in DISTRIBUTION_COLUMNS if c in names] if distributions else []
+                    wanted = [c for c in distribution_columns() if c in names] if distributions else []
                     for batch in (pf.iter_batches(columns=wanted, batch_size=65536) if wanted else []):
                         for name in wanted:
                             for item in pc.value_counts(batch.column(name)).to_pylist():
@@ -218,7 +223,7 @@ def diff_versions(repo: str, a: str, b: str, console: Console | None = None) -> 
         change = f"{n.rows - o.rows:+,}" if o and n else ("added" if n else "removed")
         table.add_row(name, f"{o.rows:,}" if o else "-", f"{n.rows:,}" if n else "-", change,
                       ", ".join(entry["columns_added"]) or "-", ", ".join(entry["columns_removed"]) or "-")
-        for col in DISTRIBUTION_COLUMNS if o and n else ():  # shifts only for configs in both versions
+        for col in distribution_columns() if o and n else ():  # shifts only for configs in both versions
             if col not in o.distributions and col not in n.distributions:
                 continue
             sa = _shares(o.distributions.get(col, Counter()))

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from magpie_hub.errors import RecipeError
+from magpie_hub.generate.backends import BACKENDS, option_keys, parse_backend_options
 
 # Official MAGPIE strings (magpie-align/magpie; typos are theirs, kept verbatim).
 MULTI_TURN_SYSTEM_PROMPT = (
@@ -160,6 +161,10 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
+        try:  # the backend's own options model: unknown keys and bad values are refused here, at load
+            parse_backend_options(self.backend, self.backend_options)
+        except RecipeError as exc:
+            raise ValueError(str(exc)) from None
         if sum(m.share for m in self.instruction_sampling) <= 0:
             raise ValueError("instruction_sampling shares sum to 0: give at least one positive share")
         prompts = self.all_category_prompts
@@ -283,15 +288,27 @@ def _describe(err: dict) -> str:
 
 
 def apply_overrides(data: dict, overrides: Mapping[str, Any] | None) -> dict:
-    """Apply command-line overrides (rows, model, backend, endpoint) to raw recipe data."""
+    """Apply command-line overrides (rows, model, backend, endpoint) to raw recipe data.
+
+    ``backend`` replacing the recipe's backend keeps only the ``backend_options`` the new backend accepts
+    (the others belong to the recipe's backend); ``endpoint`` sets ``backend_options.endpoint``."""
     data = dict(data)
     ov = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "model" in ov and ov["model"] != data.get("model"):
         data["model"] = ov["model"]
         data.pop("revision", None)   # the recipe's revision belongs to its own model
-    if "backend" in ov:
+    if "backend" in ov and ov["backend"] != data.get("backend", Recipe.model_fields["backend"].default):
+        opts = data.get("backend_options")
+        if isinstance(opts, dict) and opts:
+            accepted = set(option_keys(ov["backend"]))
+            data["backend_options"] = {k: v for k, v in opts.items() if k in accepted}
         data["backend"] = ov["backend"]
     if "endpoint" in ov:
+        backend = data.get("backend", Recipe.model_fields["backend"].default)
+        if isinstance(backend, str) and "endpoint" not in option_keys(backend):
+            servers = [name for name in BACKENDS if "endpoint" in option_keys(name)]
+            raise RecipeError(f"--endpoint is for the server backends ({', '.join(servers)}); the {backend} "
+                              "backend takes no endpoint")
         opts = data.get("backend_options") or {}
         data["backend_options"] = {**(opts if isinstance(opts, dict) else {}), "endpoint": ov["endpoint"]}
     if "rows" in ov:

@@ -1,7 +1,8 @@
 """The tag-step interface: one :class:`TagStep` subclass per column family.
 
-A step declares the columns it adds (``features``, a :class:`datasets.Features`), the columns it reads
-(``requires``) and implements ONE method:
+The columns a step adds are declared with its registry entry (``STEPS`` in :mod:`magpie_hub.tags`, the
+one column registry); ``features`` (a :class:`datasets.Features`) is derived from them. A step declares
+the columns it reads (``requires``) and implements ONE method:
 
 * ``scope = "rows"`` (the default): :meth:`TagStep.run` maps a batch of rows (a dict of column lists, as
   ``datasets.Dataset.map(batched=True)`` gives) to a dict of the new columns, same length, same order.
@@ -14,20 +15,40 @@ A step declares the columns it adds (``features``, a :class:`datasets.Features`)
 Lifecycle (driven by :mod:`magpie_hub.tags.runner`): ``Step(context, **options)`` ->
 ``setup()`` once, before any step runs (load models here; raise a MagpieError if one is unavailable,
 so a bad run fails before anything is computed) -> ``run``/``run_global`` -> ``close()`` (free models)
--> ``info()`` is recorded in the manifest's ``tags.steps.<name>`` section.
+-> ``info()`` is recorded in the manifest's ``tags.steps.<name>`` section. Model-loading failures go
+through :meth:`TagStep.loading`, so every step reports them the same way.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from datasets import Features
+from datasets import Features, List, Value
+
+from magpie_hub.errors import MagpieError, ModelError
+from magpie_hub.layout import WORK_DIR
+from magpie_hub.tags import registered
+from magpie_hub.tags.columns import Column
 
 Batch = dict[str, list]
+
+
+def work_dir(directory: Path, step: str) -> Path:
+    """``DIR/.magpie/tags/<step>/``: a step's scratch space (checkpoints, caches, files for later stages)."""
+    return Path(directory) / WORK_DIR / "tags" / step
+
+
+def features_of(columns: tuple[Column, ...]) -> Features:
+    """The ``datasets.Features`` of declared columns (``list[<dtype>]`` -> a list of that value type)."""
+    def feature(dtype: str):
+        return List(Value(dtype[5:-1])) if dtype.startswith("list[") else Value(dtype)
+
+    return Features({c.name: feature(c.dtype) for c in columns})
 
 
 @dataclass
@@ -66,7 +87,6 @@ class TagStep(abc.ABC):
     """Base class of every tag step (see the module docstring for the contract)."""
 
     name: ClassVar[str]                      # registry name, e.g. "lengths" (``magpie-hub tag --step``)
-    features: ClassVar[Features]             # the columns this step adds, typed
     requires: ClassVar[tuple[str, ...]] = ("instruction",)  # input columns it reads
     scope: ClassVar[str] = "rows"            # "rows" | "global"
     batch_size: ClassVar[int] = 10_000       # rows per run() call = per checkpoint (rows scope)
@@ -77,8 +97,40 @@ class TagStep(abc.ABC):
         self.options = dict(options)
 
     @property
+    def outputs(self) -> tuple[Column, ...]:
+        """The registered columns this step writes with its options (in registry order)."""
+        return tuple(c for c in registered(self.name).columns if self.writes(c))
+
+    def writes(self, column: Column) -> bool:
+        """Whether this run writes ``column``; columns with a ``hint`` only when an option asks for them."""
+        return column.hint is None
+
+    def output(self, name: str) -> Column:
+        return next(c for c in registered(self.name).columns if c.name == name)
+
+    @property
+    def features(self) -> Features:
+        """The columns this step adds, typed."""
+        return features_of(self.outputs)
+
+    @property
     def columns(self) -> tuple[str, ...]:
-        return tuple(self.features)
+        return tuple(c.name for c in self.outputs)
+
+    @contextlib.contextmanager
+    def loading(self, what: str, model: str, *, hint: str | None = None) -> Iterator[None]:
+        """Model-loading errors, once for every step: inside ``with self.loading("judge", model):`` a
+        MagpieError (already one line naming the cause) gains the step and how to choose another model;
+        any other loader failure becomes one "cannot load" line (``hint`` replaces the default advice)."""
+        choose = f"tags: [{{{self.name}: {{model: ID_OR_DIR}}}}]"
+        try:
+            yield
+        except MagpieError as exc:
+            raise ModelError(f"tag step {self.name!r}, {what} {model}: {exc}; or choose it with {choose}") from None
+        except Exception as exc:  # noqa: BLE001 - any loader failure is the user's model choice
+            raise ModelError(f"tag step {self.name!r}: cannot load {what} {model!r} ({type(exc).__name__}), "
+                             "it is not available offline or not a usable model",
+                             hint=hint or f"download it once while online, or set {choose}") from None
 
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Load models/tokenizers; raise a MagpieError naming the fix if something is unavailable."""

@@ -17,7 +17,10 @@ whole group (the official value then depends on FAISS's tie order). Identical in
 once and are at distance exactly 0. Memory is O(N x dim), never O(N^2).
 
 Embeddings are cached in ``DIR/.magpie/tags/dedup/cache/`` per chunk of unique texts (keyed by model
-and text hash): a rerun, or a resume after ``kill -9`` mid-embedding, reuses every finished chunk.
+and text hash): a rerun, or a resume after ``kill -9`` mid-embedding, reuses every finished chunk. The
+row embeddings are kept in ``DIR/.magpie/tags/dedup/embeddings.parquet`` (uuid, instruction hash,
+float16 vector; the model in the file's metadata): the card's t-SNE map reads them back with
+:func:`saved_embeddings` instead of embedding the rows a second time.
 Options: ``model`` (default all-mpnet-base-v2, or ``$MAGPIE_HUB_EMBEDDING_MODEL``; a local dir works),
 ``threshold`` (0.05), ``k`` (500), ``batch_size`` (encode batch, 128), ``chunk_size`` (8192).
 """
@@ -27,34 +30,44 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Features, Value
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from magpie_hub.dataset.directory import write_parquet_atomic
-from magpie_hub.errors import ModelError, RecipeError
-from magpie_hub.tags.base import Batch, TagStep
+from magpie_hub.errors import RecipeError
+from magpie_hub.tags.base import Batch, TagStep, work_dir
 
-DEFAULT_MODEL = "sentence-transformers/all-mpnet-base-v2"
+DEFAULT_MODEL = "sentence-transformers/all-mpnet-base-v2"  # the paper's (magpie exp/gen_dis.py)
+MODEL_ENV = "MAGPIE_HUB_EMBEDDING_MODEL"
+EMBEDDINGS = "embeddings.parquet"
 RANGE_BLOCK = 4096  # queries per FAISS range_search call
+
+
+def embedding_model(choice: str | None = None) -> str:
+    """The embedding model: ``choice`` (an option), else ``$MAGPIE_HUB_EMBEDDING_MODEL``, else the paper's."""
+    return str(choice or os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
+
+
+def text_key(text: str) -> str:
+    """A short digest of an instruction: ties a saved embedding to the text it embeds."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 class DedupStep(TagStep):
     name = "dedup"
-    features = Features({
-        "min_neighbor_distance": Value("float64"),
-        "repeat_count": Value("int64"),
-        "min_similar_uuid": Value("string"),
-    })
     requires = ("uuid", "instruction")
     scope = "global"
     version = "1"
 
     def __init__(self, context, **options: Any):
         super().__init__(context, **options)
-        self.model_name = str(options.get("model") or os.environ.get("MAGPIE_HUB_EMBEDDING_MODEL") or DEFAULT_MODEL)
+        self.model_name = embedding_model(options.get("model"))
         self.threshold = float(options.get("threshold", 0.05))
         self.k = int(options.get("k", 500))
         self.encode_batch = int(options.get("batch_size", 128))
@@ -72,17 +85,13 @@ class DedupStep(TagStep):
         from sentence_transformers import SentenceTransformer
 
         local = Path(self.model_name).expanduser()
-        try:
+        with self.loading("embedding model", self.model_name, hint=f"download it once while online, or set "
+                          f"${MODEL_ENV} / tags: [{{dedup: {{model: LOCAL_DIR}}}}]"):
             if local.is_dir():
                 self.model = SentenceTransformer(str(local), device="cpu")
             else:
                 self.model = SentenceTransformer(self.model_name, device="cpu",
                                                  local_files_only=bool(constants.HF_HUB_OFFLINE))
-        except Exception as exc:  # noqa: BLE001 - OSError/HF errors/ValueError all mean "not usable"
-            raise ModelError(
-                f"embedding model {self.model_name!r} is not available offline ({type(exc).__name__})",
-                hint="download it once while online, or set $MAGPIE_HUB_EMBEDDING_MODEL / "
-                     "tags: [{dedup: {model: LOCAL_DIR}}]") from None
         self.dimension = self.model.get_embedding_dimension()
 
     def close(self) -> None:
@@ -132,7 +141,7 @@ class DedupStep(TagStep):
         unique, first_row, inverse = unique_in_order(texts)
         emb = self.embed(unique)
         columns = near_duplicates(emb, first_row, inverse, uuids, threshold=self.threshold, k=self.k)
-        self._save_embeddings(uuids, emb, inverse)
+        self._save_embeddings(uuids, texts, emb, first_row, inverse)
         out, offset = {}, 0
         for c in configs:
             n = len(data[c]["uuid"])
@@ -140,20 +149,42 @@ class DedupStep(TagStep):
             offset += n
         return out
 
-    def _save_embeddings(self, uuids: list[str], emb: np.ndarray, inverse: np.ndarray) -> None:
-        """Row-order embeddings for the analysis stage: ``.magpie/tags/dedup/embeddings.parquet``."""
-        import pyarrow as pa
-
+    def _save_embeddings(self, uuids: list[str], texts: list[str], emb: np.ndarray, first_row: np.ndarray,
+                         inverse: np.ndarray) -> None:
+        """Row-order embeddings for the card's t-SNE map (read back by :func:`saved_embeddings`)."""
         vecs = emb[inverse].astype(np.float16)
-        table = pa.table({"uuid": pa.array(uuids, pa.string()),
+        keys = np.array([text_key(texts[row]) for row in first_row], dtype=object)[inverse]
+        table = pa.table({"uuid": pa.array(uuids, pa.string()), "text_key": pa.array(keys, pa.string()),
                           "embedding": pa.FixedSizeListArray.from_arrays(vecs.reshape(-1), vecs.shape[1])})
-        write_parquet_atomic(table, self.context.work_dir / "embeddings.parquet")
+        write_parquet_atomic(table.replace_schema_metadata({"model": self.model_name}),
+                             self.context.work_dir / EMBEDDINGS)
 
     def info(self) -> dict[str, Any]:
         info = super().info()
-        info["options"] = {**info["options"], "model": self.model_name}  # analysis.py reads options.model
+        info["options"] = {**info["options"], "model": self.model_name}  # the card's t-SNE reads options.model
         return {**info, "model": self.model_name, "dimension": self.dimension, "threshold": self.threshold,
                 "k": self.k, "distance": "squared L2 of normalised embeddings (FAISS IndexFlatL2)"}
+
+
+def saved_embeddings(directory: Path, model: str, uuids: Sequence[str], texts: Sequence[str]) -> list:
+    """The dedup step's saved vectors of the rows ``uuids`` (float32), where ``model`` embedded the same
+    ``texts``; None for every other row (not saved, another model, or the text changed since)."""
+    path = work_dir(directory, DedupStep.name) / EMBEDDINGS
+    out: list = [None] * len(uuids)
+    if not uuids or not path.is_file():
+        return out
+    shard = pq.ParquetFile(path)
+    if (shard.schema_arrow.metadata or {}).get(b"model") != model.encode():
+        return out
+    where = {(u, text_key(t)): i for i, (u, t) in enumerate(zip(uuids, texts, strict=True))}
+    wanted = pa.array(list(dict.fromkeys(uuids)), pa.string())
+    for batch in shard.iter_batches(batch_size=65_536):
+        hits = batch.filter(pc.is_in(batch.column("uuid"), value_set=wanted))
+        for u, key, vec in zip(*(hits.column(c).to_pylist() for c in ("uuid", "text_key", "embedding")),
+                               strict=True):
+            if (u, key) in where:
+                out[where[(u, key)]] = np.asarray(vec, dtype=np.float32)
+    return out
 
 
 def unique_in_order(texts: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -24,32 +24,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, ClassVar
 
-from datasets import Features, List, Value
 from rich.console import Console
 
-from magpie_hub.errors import MagpieError, ModelError, RecipeError, redact
+from magpie_hub.chat.format import load_chat_format
+from magpie_hub.errors import MagpieError, RecipeError, redact, redact_mapping
+from magpie_hub.generate.backends import get_backend
 from magpie_hub.generate.backends.base import GenerationRequest, GenerationResult, SamplingParams
+from magpie_hub.models import resolve_model
 from magpie_hub.tags.base import Batch, TagContext, TagStep
+from magpie_hub.tags.columns import TASK_CATEGORIES
 from magpie_hub.tags.judge_parse import extract_object, free_text, get_key, normalise_label
 
 DEFAULT_JUDGE = "meta-llama/Meta-Llama-3-8B-Instruct"
-
-TASK_CATEGORIES: dict[str, str] = {
-    "Information seeking": "the user asks for facts or information about a topic",
-    "Reasoning": "the query needs logical thinking, problem solving or working through complex ideas",
-    "Planning": "the user wants help making a plan or a strategy for an activity or a project",
-    "Editing": "the user wants written text edited, rephrased, proofread or otherwise reworked",
-    "Coding & Debugging": "the user wants code written, reviewed, explained or fixed",
-    "Math": "the query is about mathematical concepts, problems or calculations",
-    "Role playing": "the user asks the assistant to take on a character or persona in a scenario",
-    "Data analysis": "the user wants data or statistics interpreted, or an analytical task done",
-    "Creative writing": "the user wants a story, poem or other creative text written",
-    "Advice seeking": "the user asks for recommendations or guidance on a personal or professional matter",
-    "Brainstorming": "the user wants ideas generated or possibilities explored",
-    "Others": "the query fits none of the categories above",
-}
-DIFFICULTIES = ("very easy", "easy", "medium", "hard", "very hard")
-QUALITIES = ("very poor", "poor", "average", "good", "excellent")
 
 _STEP_OPTIONS = {"model", "revision", "backend", "backend_options", "endpoint", "concurrency", "max_new_tokens",
                  "prefill", "batch_size"}
@@ -107,7 +93,6 @@ class BackendStep(TagStep):
 
     default_model: ClassVar[str] = DEFAULT_JUDGE
     default_max_new_tokens: ClassVar[int] = 256
-    generator_column: ClassVar[str]
     batch_size = 1_000
     allowed_options: ClassVar[set[str]] = _STEP_OPTIONS
 
@@ -133,6 +118,11 @@ class BackendStep(TagStep):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: ThreadPoolExecutor | None = None
 
+    @property
+    def generator_column(self) -> str:
+        """The column naming the judge on every row it tagged (registered with the step's columns)."""
+        return f"{self.name}_generator"
+
     def _positive(self, key: str, default: int) -> int:
         value = self.options.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -141,9 +131,6 @@ class BackendStep(TagStep):
 
     # -- lifecycle ------------------------------------------------------------------------------
     def setup(self) -> None:
-        from magpie_hub.generate.backends import get_backend
-        from magpie_hub.models import resolve_model
-
         self.resolved = resolve_model(self.model)
         self.prepare(self.resolved)
         options = dict(self.backend_options)
@@ -233,42 +220,32 @@ class BackendStep(TagStep):
 
     def info(self) -> dict[str, Any]:
         backend = asdict(self.backend.info()) if self.backend is not None else None
-        info = {**super().info(), "options": _public(self.options), "model": self.model, "revision": self.revision,
-                "backend": self.backend_name, "backend_info": _public(backend), "temperature": 0.0,
+        info = {**super().info(), "options": redact_mapping(self.options, drop=True), "model": self.model,
+                "revision": self.revision, "backend": self.backend_name,
+                "backend_info": redact_mapping(backend, drop=True), "temperature": 0.0,
                 "counts": dict(self.counts)}
         return json.loads(redact(json.dumps(info, default=str)))
 
 
-def _public(value: Any) -> Any:
-    """``value`` without secrets (keys naming a token, key, password or secret) for the manifest."""
-    if isinstance(value, dict):
-        return {k: _public(v) for k, v in value.items()
-                if not any(word in str(k).lower() for word in ("token", "key", "password", "secret"))}
-    if isinstance(value, (list, tuple)):
-        return [_public(v) for v in value]
-    return value
-
-
 class JudgeStep(BackendStep):
     """A judge question about the row's ``instruction``, asked in the judge's own chat format; the answer's
-    label (under one of ``label_keys``) must be one of ``labels``."""
+    label (under one of ``label_keys``) must be one of the labels of the step's registered label column."""
 
     requires = ("instruction",)
-    label_column: ClassVar[str]
     label_keys: ClassVar[tuple[str, ...]]
-    labels: ClassVar[tuple[str, ...]]
+
+    @property
+    def label_column(self) -> str:
+        """The step's registered column that has a label set."""
+        return next(c.name for c in self.outputs if c.labels)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.output(self.label_column).labels
 
     def prepare(self, model: str) -> None:
-        from magpie_hub.chat.format import load_chat_format
-
-        try:
+        with self.loading("judge", self.model):
             self.chat_format = load_chat_format(model, revision=self.revision)
-        except MagpieError as exc:
-            raise ModelError(f"tag step {self.name!r}, judge {self.model}: {exc}; or choose the judge with "
-                             f"tags: [{{{self.name}: {{model: ID_OR_DIR}}}}]") from None
-        except Exception as exc:  # noqa: BLE001 - any loader failure is the user's model choice
-            raise ModelError(f"cannot load the chat template of judge {self.model!r} ({type(exc).__name__}); "
-                             f"make it available offline or set tags: [{{{self.name}: {{model: DIR}}}}]") from None
         self.prefill = "{" if self.options.get("prefill", True) else ""
 
     def stop(self) -> tuple[str, ...]:
@@ -302,10 +279,7 @@ class JudgeStep(BackendStep):
 
 class TaskCategoryStep(JudgeStep):
     name = "task_category"
-    generator_column = "task_category_generator"
-    features = Features({"task_category": Value("string"), "other_task_category": List(Value("string")),
-                         "task_category_generator": Value("string")})
-    label_column, label_keys, labels = "task_category", ("primary_tag", "task_category"), tuple(TASK_CATEGORIES)
+    label_keys = ("primary_tag", "task_category")
 
     def question(self, instruction: str) -> str:
         return classification_prompt(instruction)
@@ -320,10 +294,7 @@ class TaskCategoryStep(JudgeStep):
 
 class DifficultyStep(JudgeStep):
     name = "difficulty"
-    generator_column = "difficulty_generator"
-    features = Features({"difficulty": Value("string"), "intent": Value("string"), "knowledge": Value("string"),
-                         "difficulty_generator": Value("string")})
-    label_column, label_keys, labels = "difficulty", ("difficulty",), DIFFICULTIES
+    label_keys = ("difficulty",)
 
     def question(self, instruction: str) -> str:
         return difficulty_prompt(instruction)
@@ -334,10 +305,7 @@ class DifficultyStep(JudgeStep):
 
 class QualityStep(JudgeStep):
     name = "quality"
-    generator_column = "quality_generator"
-    features = Features({"input_quality": Value("string"), "quality_explanation": Value("string"),
-                         "quality_generator": Value("string")})
-    label_column, label_keys, labels = "input_quality", ("input_quality", "quality"), QUALITIES
+    label_keys = ("input_quality", "quality")
 
     def question(self, instruction: str) -> str:
         return quality_prompt(instruction)

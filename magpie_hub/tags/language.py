@@ -9,15 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from datasets import Features, Value
-
 from magpie_hub.errors import RecipeError
 from magpie_hub.tags.base import Batch, TagStep
 
 
 class LanguageStep(TagStep):
     name = "language"
-    features = Features({"language": Value("string")})
     requires = ("instruction",)
     batch_size = 20_000
     version = "1"

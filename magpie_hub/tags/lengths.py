@@ -10,39 +10,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from datasets import Features, Value
-
 from magpie_hub.dataset.directory import read_config
-from magpie_hub.errors import DatasetDirError, ModelError
+from magpie_hub.errors import DatasetDirError
+from magpie_hub.models import load_tokenizer
 from magpie_hub.tags.base import Batch, TagStep
 
 
 class LengthsStep(TagStep):
     name = "lengths"
-    features = Features({
-        "instruction_length": Value("int64"),
-        "response_length": Value("int64"),
-        "instruction_chars": Value("int64"),
-        "response_chars": Value("int64"),
-    })
     requires = ("instruction", "response")
     batch_size = 20_000
     version = "1"
 
     def setup(self) -> None:
-        from magpie_hub.models import load_tokenizer, resolve_model
-
         self.model = self.options.get("model") or self.context.generator_model or self._model_from_rows()
         self.revision = self.options.get("revision") or (
             None if self.options.get("model") else self.context.generator_revision)
-        try:
-            self.tokenizer = load_tokenizer(resolve_model(self.model), revision=self.revision)
-        except ModelError as exc:
-            raise ModelError(f"lengths step: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - any loader failure is the user's model choice
-            raise ModelError(f"cannot load the tokenizer of {self.model!r} for the lengths step: {exc}",
-                             hint="make the generating model available offline or set tags: "
-                                  "[{lengths: {model: DIR}}]") from None
+        with self.loading("the tokenizer of", self.model,
+                          hint="make the generating model available offline or set tags: [{lengths: {model: DIR}}]"):
+            self.tokenizer = load_tokenizer(self.model, revision=self.revision)  # resolves tiny:... references
 
     def _model_from_rows(self) -> str:
         for config in self.context.configs:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from datasets import Features, Value
+import torch
 from rich.console import Console
+from transformers import AutoModelForSequenceClassification
 
-from magpie_hub.errors import MagpieError, ModelError, RecipeError
+from magpie_hub.errors import ModelError, RecipeError
+from magpie_hub.models import load_tokenizer, resolve_model
 from magpie_hub.tags.base import Batch, TagContext, TagStep
+from magpie_hub.tags.columns import Column
 
 DEFAULT_REWARD_MODEL = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
 _OPTIONS = {"model", "revision", "base_column", "inference_batch", "max_length", "device", "dtype", "batch_size"}
@@ -29,7 +32,6 @@ _OPTIONS = {"model", "revision", "base_column", "inference_batch", "max_length",
 class RewardStep(TagStep):
     name = "reward"
     requires = ("instruction", "response")
-    features = Features({"instruct_reward": Value("float64"), "reward_model": Value("string")})
     batch_size = 2_000
 
     def __init__(self, context: TagContext, **options: Any):
@@ -49,31 +51,22 @@ class RewardStep(TagStep):
             if not isinstance(self.base_column, str) or not self.base_column:
                 raise RecipeError("tag step 'reward': base_column must name the column of base-model responses")
             self.requires = ("instruction", "response", self.base_column)
-            self.features = Features({**self.features, "base_reward": Value("float64"),
-                                      "reward_difference": Value("float64")})
         self.counts = {"rows": 0, "scored": 0, "no_input": 0, "truncated": 0}
 
+    def writes(self, column: Column) -> bool:
+        """``base_reward`` / ``reward_difference`` only with ``base_column``."""
+        return super().writes(column) or self.base_column is not None
+
     def setup(self) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification
-
-        from magpie_hub.models import load_tokenizer, resolve_model
-
         path = resolve_model(self.model_name)
         device = self.options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = self.options.get("dtype") or ("bfloat16" if str(device).startswith("cuda") else "float32")
         if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
             raise RecipeError(f"tag step 'reward': unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-        try:
+        with self.loading("reward model", self.model_name):
             self.tokenizer = load_tokenizer(path, revision=self.revision)
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 path, revision=self.revision, dtype=getattr(torch, str(dtype))).to(device).eval()
-        except MagpieError as exc:
-            raise ModelError(f"tag step 'reward', reward model {self.model_name}: {exc}; or choose it with "
-                             "tags: [{reward: {model: ID_OR_DIR}}]") from None
-        except Exception as exc:  # noqa: BLE001 - any loader failure is the user's model choice
-            raise ModelError(f"cannot load reward model {self.model_name!r} ({type(exc).__name__}); make it "
-                             "available offline or set tags: [{reward: {model: DIR}}]") from None
         if not getattr(self.tokenizer, "chat_template", None):
             raise ModelError(f"reward model {self.model_name!r} has no chat template to render (instruction, "
                              "response) with; use a reward model whose tokenizer has one")
@@ -101,8 +94,6 @@ class RewardStep(TagStep):
 
     def score(self, pairs: list[tuple[Any, Any]]) -> list[float | None]:
         """Reward of each (instruction, response); ``None`` where either text is missing."""
-        import torch
-
         encoded: dict[int, list[int]] = {}
         for i, (ins, res) in enumerate(pairs):
             if isinstance(ins, str) and isinstance(res, str) and ins.strip():

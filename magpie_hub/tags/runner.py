@@ -34,8 +34,9 @@ from magpie_hub.dataset.directory import (
 )
 from magpie_hub.dataset.shards import write_config
 from magpie_hub.errors import DatasetDirError, RecipeError
-from magpie_hub.layout import WORK_DIR, config_names
-from magpie_hub.tags import DEFAULT_STEPS, TagContext, TagStep, step_class
+from magpie_hub.layout import config_names
+from magpie_hub.tags import DEFAULT_STEPS, step_class
+from magpie_hub.tags.base import TagContext, TagStep, work_dir
 
 REQUIRED_COLUMNS = ("uuid", "instruction", "response", "conversations")
 StepSpec = str | Mapping[str, Any]
@@ -97,13 +98,12 @@ def tag_dataset(directory: Path | str, steps: Sequence[StepSpec] | None = None, 
             raise DatasetDirError(f"config {c!r} lacks the columns {missing}",
                                   hint="tag a directory written by `magpie-hub build`")
 
-    tags_root = directory / WORK_DIR / "tags"
     ctx_base = dict(directory=directory, manifest=manifest, configs=tuple(configs))
     todo: list[tuple[TagStep, list[str]]] = []
     skipped: list[str] = []
     available = set.intersection(*(set(d.table.column_names) for d in data.values()))
     for cls, opts in classes:
-        step = cls(TagContext(work_dir=tags_root / cls.name, options=opts, **ctx_base), **opts)
+        step = cls(TagContext(work_dir=work_dir(directory, cls.name), options=opts, **ctx_base), **opts)
         pending = configs if force else [c for c in configs
                                           if any(col not in data[c].table.column_names for col in step.columns)]
         if pending and step.scope == "global":

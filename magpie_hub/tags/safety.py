@@ -14,9 +14,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
-from datasets import Features, Value
+from transformers import GenerationConfig
 
-from magpie_hub.errors import MagpieError, ModelError, RecipeError
+from magpie_hub.errors import ModelError, RecipeError
+from magpie_hub.models import load_tokenizer
 from magpie_hub.tags.base import TagContext
 from magpie_hub.tags.judge import _STEP_OPTIONS, BackendStep
 
@@ -45,12 +46,9 @@ def llama_guard_2_prompt(user: str, agent: str, bos: str = "") -> str:
 
 class SafetyStep(BackendStep):
     name = "safety"
-    generator_column = "safety_generator"
     default_model = DEFAULT_GUARD
     default_max_new_tokens = 24
     requires = ("instruction", "response")
-    features = Features({"llama_guard_2": Value("string"), "safety": Value("string"),
-                         "safety_generator": Value("string")})
     allowed_options: ClassVar[set[str]] = (_STEP_OPTIONS - {"prefill"}) | {"prompt_format"}
 
     def __init__(self, context: TagContext, **options: Any):
@@ -60,16 +58,8 @@ class SafetyStep(BackendStep):
             raise RecipeError("tag step 'safety': prompt_format must be auto, template or llama-guard-2")
 
     def prepare(self, model: str) -> None:
-        from magpie_hub.models import load_tokenizer
-
-        try:
+        with self.loading("the tokenizer of guard model", self.model):
             self.tokenizer = load_tokenizer(model, revision=self.revision)
-        except MagpieError as exc:
-            raise ModelError(f"tag step 'safety', guard {self.model}: {exc}; or choose the guard with "
-                             "tags: [{safety: {model: ID_OR_DIR}}]") from None
-        except Exception as exc:  # noqa: BLE001 - any loader failure is the user's model choice
-            raise ModelError(f"cannot load the tokenizer of guard model {self.model!r} ({type(exc).__name__}); "
-                             "make it available offline or set tags: [{safety: {model: DIR}}]") from None
         template = getattr(self.tokenizer, "chat_template", None) or ""
         is_guard = isinstance(template, str) and "unsafe" in template
         if self.prompt_format == "template" and not is_guard:
@@ -83,8 +73,6 @@ class SafetyStep(BackendStep):
         transformers backend the tokenizer and the end-of-sequence ids directly."""
         ids = [self.tokenizer.eos_token_id]
         try:
-            from transformers import GenerationConfig
-
             eos = GenerationConfig.from_pretrained(self.resolved, revision=self.revision).eos_token_id
             ids += eos if isinstance(eos, list) else [eos]
         except (OSError, ValueError):  # no generation_config.json: the tokenizer's eos only
@@ -110,7 +98,7 @@ class SafetyStep(BackendStep):
         if not raw:
             return None, "unparseable"
         verdict = raw.splitlines()[0].strip().strip(".:").lower()
-        if verdict in ("safe", "unsafe"):
+        if verdict in self.output("safety").labels:
             return {"llama_guard_2": raw, "safety": verdict}, "tagged"
         return {"llama_guard_2": raw}, "off_label"  # the raw text is kept; no verdict is guessed
 

@@ -4,17 +4,65 @@ MAGPIE needs raw completion (the prompt is a chat-template prefix rendered local
 implements a single coroutine, :meth:`Backend.generate`. The conversation engine
 (:mod:`magpie_hub.generate.engine`) starts one task per conversation and awaits one request per turn; a
 backend is free to batch concurrent requests (the local transformers backend does) or to send them to a
-server with bounded concurrency (TGI). A new backend = a config class + a Backend subclass + one entry in
-:func:`magpie_hub.generate.backends.get_backend`.
+server with bounded concurrency (TGI).
+
+A new backend = one module holding its :class:`BackendOptions` model (the recipe's ``backend_options``,
+unknown keys refused) and its :class:`Backend` subclass naming it as ``Options``, + one line in
+:data:`magpie_hub.generate.backends.BACKENDS`. Keep the module's top-level imports light: the recipe
+loader imports it to validate the options.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from magpie_hub.errors import RecipeError
 
 FinishReason = Literal["stop", "length", "error"]
+
+
+class BackendOptions(BaseModel):
+    """The ``backend_options`` of one backend: subclass it with one field per option (and its default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return sorted(cls.model_fields)
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None, backend: str) -> BackendOptions:
+        """Validated options; a one-line RecipeError naming the valid keys otherwise."""
+        if options is not None and not isinstance(options, Mapping):
+            raise RecipeError(f"backend_options must be a mapping of {backend} backend options "
+                              f"({', '.join(cls.keys())})")
+        try:
+            return cls.model_validate(dict(options or {}))
+        except ValidationError as exc:
+            raise RecipeError(cls._describe(exc, backend)) from None
+
+    @classmethod
+    def _describe(cls, exc: ValidationError, backend: str) -> str:
+        errors = exc.errors()
+        unknown = [str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden" and e.get("loc")]
+        if unknown:
+            which = "option " + repr(unknown[0]) if len(unknown) == 1 else "options " + ", ".join(map(repr, unknown))
+            return f"backend_options: unknown {backend} backend {which}; valid keys: {', '.join(cls.keys())}"
+        err = errors[0]
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        return f"backend_options.{loc}: {msg} ({backend} backend)" if loc else msg
+
+
+def cut_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest of ``stops`` (the stop string excluded), and whether one occurred."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 @dataclass(frozen=True)
@@ -66,7 +114,13 @@ class BackendInfo:
 class Backend(abc.ABC):
     """Base class of generation backends. Use as ``async with backend: ...``."""
 
-    name: str = "base"
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any] | None) -> BackendOptions:
+        """This backend's validated ``backend_options`` (RecipeError naming the valid keys otherwise)."""
+        return cls.Options.parse(options, cls.name)
 
     async def __aenter__(self) -> Backend:
         await self.start()

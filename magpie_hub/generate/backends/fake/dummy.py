@@ -5,7 +5,7 @@ from a small vocabulary, so the same recipe and seed give identical rows under a
 (recipe ``backend_options``) inject failures deterministically, per request, to exercise the engine's
 drop-and-regenerate path: ``error_rate``, ``truncate_rate``, ``empty_rate``, ``colon_rate`` (fractions of
 requests), ``delay_ms`` (sleep per request, to make runs slow enough to be killed), ``words`` (max words
-per text; more than ``max_new_tokens`` gives finish_reason "length").
+per text; more than ``max_new_tokens`` gives finish_reason "length"), ``max_concurrency``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ import asyncio
 import hashlib
 import random
 
-from magpie_hub.generate.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult
+from pydantic import Field
+
+from magpie_hub.generate.backends.base import (
+    Backend,
+    BackendInfo,
+    BackendOptions,
+    GenerationRequest,
+    GenerationResult,
+)
 
 _WORDS = (
     "explain how why what prime numbers sort list python function graph river mountain history poem "
@@ -24,25 +32,29 @@ _WORDS = (
 ).split()
 
 
+class DummyOptions(BackendOptions):
+    error_rate: float = Field(0.0, ge=0.0, lt=1.0)       # fractions of requests, in [0, 1)
+    truncate_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    empty_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    colon_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    delay_ms: float = 0.0
+    words: int = 12
+    max_concurrency: int | None = None
+
+
 class DummyBackend(Backend):
     """Fake completions: deterministic, fast, with optional injected faults."""
 
     name = "dummy"
+    Options = DummyOptions
 
-    def __init__(self, model: str, *, revision: str | None = None, error_rate: float = 0.0,
-                 truncate_rate: float = 0.0, empty_rate: float = 0.0, colon_rate: float = 0.0,
-                 delay_ms: float = 0.0, words: int = 12, max_concurrency: int | None = None, **_ignored):
-        for key, rate in (("error_rate", error_rate), ("truncate_rate", truncate_rate),
-                          ("empty_rate", empty_rate), ("colon_rate", colon_rate)):
-            if not 0.0 <= float(rate) < 1.0:
-                from magpie_hub.errors import RecipeError
-
-                raise RecipeError(f"backend_options.{key} must be in [0, 1) (got {rate})")
+    def __init__(self, model: str, *, revision: str | None = None, **options):
+        opts = self.parse_options(options)
         self.model, self.revision = model, revision
-        self.rates = (float(error_rate), float(truncate_rate), float(empty_rate), float(colon_rate))
-        self.delay = float(delay_ms) / 1000.0
-        self.words = max(1, int(words))
-        self.max_concurrency = max_concurrency
+        self.rates = (opts.error_rate, opts.truncate_rate, opts.empty_rate, opts.colon_rate)
+        self.delay = float(opts.delay_ms) / 1000.0
+        self.words = max(1, int(opts.words))
+        self.max_concurrency = opts.max_concurrency
         self.requests = 0
 
     def _rng(self, request: GenerationRequest) -> random.Random:

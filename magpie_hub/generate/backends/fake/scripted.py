@@ -12,17 +12,27 @@ parsing on saved outputs, or to test how a pipeline treats malformed answers. ``
   A line with ``match`` answers every prompt that contains that string (the first matching line wins);
   lines without ``match`` answer the other prompts in turn, cycling in file order (deterministic for
   requests issued in a fixed order). A prompt that nothing answers gets ``finish_reason="error"``.
-- ``delay_ms``: sleep per request (to exercise concurrency).
+- ``delay_ms``: sleep per request (to exercise concurrency); ``max_concurrency``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
+from pydantic import field_validator, model_validator
+
 from magpie_hub.errors import RecipeError
-from magpie_hub.generate.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult
+from magpie_hub.generate.backends.base import (
+    Backend,
+    BackendInfo,
+    BackendOptions,
+    GenerationRequest,
+    GenerationResult,
+    cut_at_stop,
+)
 
 _FINISH = ("stop", "length", "error")
 
@@ -53,23 +63,39 @@ def _load_answers(path: Path) -> list[dict]:
     return answers
 
 
+class ScriptedOptions(BackendOptions):
+    answers: str | None = None            # required; checked below for a message that names the fix
+    delay_ms: float = 0.0
+    max_concurrency: int | None = None
+
+    @field_validator("answers", mode="before")
+    @classmethod
+    def _path(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @model_validator(mode="after")
+    def _answers_given(self) -> ScriptedOptions:
+        if not self.answers:
+            raise ValueError("the scripted backend needs backend_options.answers: the path of a JSONL file of "
+                             "answers")
+        return self
+
+
 class ScriptedBackend(Backend):
     """Completions read from a JSONL file (see the module docstring)."""
 
     name = "scripted"
+    Options = ScriptedOptions
 
-    def __init__(self, model: str, *, revision: str | None = None, answers: str | None = None,
-                 delay_ms: float = 0.0, max_concurrency: int | None = None, **_ignored):
-        if not answers:
-            raise RecipeError("the scripted backend needs backend_options.answers: the path of a JSONL file of "
-                              "answers")
+    def __init__(self, model: str, *, revision: str | None = None, **options):
+        opts = self.parse_options(options)
         self.model, self.revision = model, revision
-        self.path = Path(answers)
+        self.path = Path(opts.answers)
         self.answers = _load_answers(self.path)
         self.matched = [a for a in self.answers if "match" in a]
         self.cycle = [a for a in self.answers if "match" not in a]
-        self.delay = float(delay_ms) / 1000.0
-        self.max_concurrency = max_concurrency
+        self.delay = float(opts.delay_ms) / 1000.0
+        self.max_concurrency = opts.max_concurrency
         self.requests = 0
         self._next = 0
 
@@ -92,8 +118,7 @@ class ScriptedBackend(Backend):
             return GenerationResult("", "error", 0, error="no scripted answer matches this prompt")
         text, finish = item["text"], item.get("finish_reason", "stop")
         if finish == "stop":
-            cut = min((i for i in (text.find(s) for s in request.stop if s) if i >= 0), default=-1)
-            text = text[:cut] if cut >= 0 else text
+            text, _ = cut_at_stop(text, request.stop)
         return GenerationResult(text, finish, len(text.split()),
                                 error="scripted error" if finish == "error" else None)
 

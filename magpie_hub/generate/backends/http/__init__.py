@@ -1,1 +1,1 @@
-"""http"""
+"""Server backends (``tgi``, ``openai``) on one shared base (:mod:`.base`): retries, errors, prompt fit, BOS."""

@@ -13,17 +13,21 @@ Recipe: ``backend: openai`` and ``backend_options: {endpoint: http://host:8000, 
 ``served_model``; ``check_model: false`` skips the check); ``max_model_len`` (vLLM) bounds the prompts.
 BOS: the server tokenizes the prompt with special tokens added (vLLM's default), so the leading BOS text is
 stripped when the server's ``/tokenize`` (or, without it, the local tokenizer) shows that it adds BOS.
-Retries, backoff, fail-fast errors and the prompt-fit rules are those of the tgi backend.
+Retries, backoff, fail-fast errors and the prompt-fit rules are those of
+:mod:`magpie_hub.generate.backends.http.base`.
 """
 
 from __future__ import annotations
 
-import os
-
 from magpie_hub.errors import BackendError
 from magpie_hub.generate.backends.base import GenerationResult
-from magpie_hub.generate.backends.http.tgi import TGIBackend, _one_line, secret_from_env
-from magpie_hub.models import resolve_model
+from magpie_hub.generate.backends.http.base import (
+    HTTPBackend,
+    HTTPOptions,
+    models_module,
+    one_line,
+    sampling_fields,
+)
 
 CHAT_ONLY = ("offers no raw text completion (POST /v1/completions -> {status}: {detail}); MAGPIE needs raw "
              "completion of a chat-template prefix, which a chat-only API cannot do (it applies the chat template "
@@ -31,23 +35,31 @@ CHAT_ONLY = ("offers no raw text completion (POST /v1/completions -> {status}: {
              "(they offer /v1/completions) or with TGI (backend: tgi)")
 
 
-class OpenAICompletionsBackend(TGIBackend):
+class OpenAIOptions(HTTPOptions):
+    served_model: str | None = None          # the id in GET /v1/models, when it is not the recipe's model
+    api_key: str | None = None               # else OPENAI_API_KEY (environment or .env); never HF_TOKEN
+
+
+class OpenAICompletionsBackend(HTTPBackend):
     """An OpenAI-compatible text-completion server (vLLM, SGLang, llama.cpp) as the generation backend."""
 
     name = "openai"
+    Options = OpenAIOptions
     server_kind = "OpenAI-compatible server"
     env_var = "MAGPIE_OPENAI_ENDPOINT"
+    token_option = "api_key"
+    token_env = ("OPENAI_API_KEY",)
     default_concurrency = 64
 
-    def __init__(self, model: str, *, revision: str | None = None, endpoint: str | None = None,
-                 served_model: str | None = None, api_key: str | None = None, **options):
-        endpoint = endpoint or os.environ.get(self.env_var)
-        if endpoint and endpoint.rstrip("/").endswith("/v1"):
-            endpoint = endpoint.rstrip("/")[: -len("/v1")]
-        super().__init__(model, revision=revision, endpoint=endpoint, token=None, **options)
-        self._token = api_key or secret_from_env("OPENAI_API_KEY")
-        self.served_model = served_model
+    def __init__(self, model: str, *, revision: str | None = None, **options):
+        super().__init__(model, revision=revision, **options)
+        self.served_model = self.options.served_model
         self._http = None
+
+    def _normalise_endpoint(self, endpoint: str | None) -> str | None:
+        if endpoint and endpoint.rstrip("/").endswith("/v1"):
+            return endpoint.rstrip("/")[: -len("/v1")]
+        return endpoint
 
     async def start(self) -> None:
         import httpx2
@@ -69,7 +81,7 @@ class OpenAICompletionsBackend(TGIBackend):
 
     async def _models(self) -> list[dict]:
         resp = await self._get_ready(self._http, "/v1/models")
-        self._raise_for_auth(resp.status_code, "GET /v1/models", key_name="OPENAI_API_KEY")
+        self._raise_for_auth(resp.status_code, "GET /v1/models")
         try:
             data = resp.json().get("data") if resp.status_code == 200 else None
         except (ValueError, AttributeError):
@@ -81,7 +93,7 @@ class OpenAICompletionsBackend(TGIBackend):
 
     def _choose_model(self, models: list[dict]) -> None:
         ids = [m["id"] for m in models]
-        ours = resolve_model(self.model)
+        ours = models_module().resolve_model(self.model)
         wanted = self.served_model or next((i for i in ids if i in (self.model, ours)), None)
         if wanted is None and not self.check_model and len(ids) == 1:
             wanted = ids[0]
@@ -105,11 +117,11 @@ class OpenAICompletionsBackend(TGIBackend):
                                                                   "max_tokens": 1})
         except httpx2.TransportError as exc:
             raise BackendError(f"cannot reach {self.url}/v1/completions ({type(exc).__name__})") from None
-        self._raise_for_auth(resp.status_code, "POST /v1/completions", key_name="OPENAI_API_KEY")
+        self._raise_for_auth(resp.status_code, "POST /v1/completions")
         detail = self._body_message(resp)
         if resp.status_code in (404, 405, 501) or (resp.status_code >= 400 and "chat" in detail.lower()):
             raise BackendError(f"the {self.server_kind} at {self.url} " +
-                               CHAT_ONLY.format(status=resp.status_code, detail=_one_line(detail, 100)))
+                               CHAT_ONLY.format(status=resp.status_code, detail=one_line(detail, 100)))
 
     async def _tokenize_probe(self) -> list[int] | None:
         resp = await self._http.post("/tokenize", json={"model": self.served_model, "prompt": "Hi"})
@@ -136,15 +148,8 @@ class OpenAICompletionsBackend(TGIBackend):
     def _request_kwargs(self, params, stop: tuple[str, ...], max_new: int) -> dict:
         body = {"model": self.served_model, "max_tokens": max_new, "n": 1, "stream": False}
         if stop:
-            body["stop"] = list(stop[:4])
-        if params.greedy:
-            body["temperature"] = 0.0
-        else:
-            body["temperature"] = float(params.temperature)
-            if 0.0 < params.top_p < 1.0:
-                body["top_p"] = float(params.top_p)
-            if params.seed is not None:
-                body["seed"] = int(params.seed) % (2**63)
+            body["stop"] = self._stop_list(stop)
+        body.update({"temperature": 0.0} if params.greedy else sampling_fields(params, seed_bits=63))
         return body
 
     async def _send(self, prompt: str, kwargs: dict):
@@ -155,7 +160,7 @@ class OpenAICompletionsBackend(TGIBackend):
 
     def _error_detail(self, exc: Exception, response) -> str:
         if response is not None:
-            return _one_line(self._body_message(response), 200)
+            return one_line(self._body_message(response), 200)
         return super()._error_detail(exc, response)
 
     def _result(self, out, stops: tuple[str, ...]) -> GenerationResult:

@@ -6,7 +6,8 @@
 * :class:`ContinuousBatcher` is a decode loop over a KV cache (``DynamicCache`` of plain layers): finished
   rows leave the batch at once and queued requests are prefilled and merged in (left-padded), so the
   batch stays full instead of waiting for its longest row, as ``model.generate`` batches do.
-* :class:`RowStopper` is the per-row stopping criterion of the ``model.generate`` fallback path.
+* :class:`RowSampler` and :class:`RowStopper` are the per-row sampling and stopping of the
+  ``model.generate`` fallback path.
 """
 
 from __future__ import annotations
@@ -55,6 +56,23 @@ def sample_rows(scores, temperatures: list[float], top_ps: list[float], generato
         pos = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[1] - 1)
         choice[idx] = (order.gather(1, pos) if is_nucleus else pos).squeeze(1)
     return choice
+
+
+class RowSampler:
+    """Logits processor for the ``model.generate`` path: picks each row's next token with
+    :func:`sample_rows` (returns 0 there and -inf elsewhere, so the greedy step of ``generate`` takes it)."""
+
+    def __init__(self, temperatures: list[float], top_ps: list[float], seeds: list[int | None]):
+        self.temperatures, self.top_ps = temperatures, top_ps
+        self.generators = [make_generator(seed) for seed in seeds]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        choice = sample_rows(scores, self.temperatures, self.top_ps, self.generators)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, choice.unsqueeze(1), 0.0)
+        return out
 
 
 class RowStopper:

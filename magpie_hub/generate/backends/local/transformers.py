@@ -7,7 +7,8 @@ stop strings and token budgets share a batch:
   (:class:`~magpie_hub.generate.backends.local.batching.ContinuousBatcher`) lets finished rows leave at once and prefills
   queued requests into the free slots, so the batch stays full;
 * otherwise (sliding-window caches, or ``continuous=False``): FIFO groups of up to ``batch_size`` (waiting
-  at most ``max_wait_ms`` to fill) run through ``model.generate`` with :class:`RowSampler` and
+  at most ``max_wait_ms`` to fill) run through ``model.generate`` with
+  :class:`~magpie_hub.generate.backends.local.batching.RowSampler` and
   :class:`~magpie_hub.generate.backends.local.batching.RowStopper`; finished rows are padded.
 
 In both paths each row samples with its own temperature / top-p and its own ``torch.Generator`` seeded with
@@ -27,37 +28,34 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field
 
 from magpie_hub.errors import BackendError, ModelError
-from magpie_hub.generate.backends.base import Backend, BackendInfo, GenerationRequest, GenerationResult
-from magpie_hub.generate.backends.local.batching import (
-    ContinuousBatcher,
-    Row,
-    RowStopper,
-    make_generator,
-    sample_rows,
+from magpie_hub.generate.backends.base import (
+    Backend,
+    BackendInfo,
+    BackendOptions,
+    GenerationRequest,
+    GenerationResult,
+    cut_at_stop,
 )
+from magpie_hub.generate.backends.local.batching import ContinuousBatcher, Row, RowSampler, RowStopper
 
 log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
            "float32": "float32", "fp32": "float32"}
 
 
-class RowSampler:
-    """Logits processor for the ``model.generate`` path: picks each row's next token with
-    :func:`sample_rows` (returns 0 there and -inf elsewhere, so the greedy step of ``generate`` takes it)."""
-
-    def __init__(self, temperatures: list[float], top_ps: list[float], seeds: list[int | None]):
-        self.temperatures, self.top_ps = temperatures, top_ps
-        self.generators = [make_generator(seed) for seed in seeds]
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        choice = sample_rows(scores, self.temperatures, self.top_ps, self.generators)
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, choice.unsqueeze(1), 0.0)
-        return out
+class TransformersOptions(BackendOptions):
+    batch_size: int = Field(32, ge=1)
+    dtype: Literal["auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"] = "auto"
+    device_map: Any = None
+    max_wait_ms: float = 20.0
+    num_threads: int | None = Field(None, ge=0)
+    trust_remote_code: bool = False
+    continuous: bool = True               # continuous batching when the model's cache allows it
 
 
 @dataclass
@@ -70,25 +68,19 @@ class TransformersBackend(Backend):
     """A local ``AutoModelForCausalLM`` with dynamic batching of concurrent requests."""
 
     name = "transformers"
+    Options = TransformersOptions
 
-    def __init__(self, model: str, *, revision: str | None = None, batch_size: int = 32, dtype: str = "auto",
-                 device_map=None, max_wait_ms: float = 20.0, num_threads: int | None = None,
-                 trust_remote_code: bool = False, continuous: bool = True, chat_format=None, **options):
-        if options:
-            raise BackendError(f"unknown transformers backend option(s): {', '.join(sorted(options))} "
-                               "(use batch_size, dtype, device_map, max_wait_ms, num_threads, continuous)")
-        if int(batch_size) < 1:
-            raise BackendError(f"batch_size must be >= 1 (got {batch_size}): fix backend_options.batch_size")
-        if dtype != "auto" and dtype not in _DTYPES:
-            raise BackendError(f"unknown dtype {dtype!r}: use auto, bfloat16, float16 or float32")
+    def __init__(self, model: str, *, revision: str | None = None, chat_format=None, **options):
+        """``chat_format``: the model's loaded chat format (a tag step passes its own), else loaded here."""
+        opts = self.parse_options(options)
         self.model_id, self.revision = model, revision
-        self.batch_size = int(batch_size)
-        self.dtype_option, self.device_map = dtype, device_map
-        self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
-        self.num_threads = num_threads
-        self.trust_remote_code = trust_remote_code
+        self.batch_size = opts.batch_size
+        self.dtype_option, self.device_map = opts.dtype, opts.device_map
+        self.max_wait = max(0.0, opts.max_wait_ms) / 1000.0
+        self.num_threads = opts.num_threads
+        self.trust_remote_code = opts.trust_remote_code
         self.chat_format = chat_format
-        self.continuous = bool(continuous)    # continuous batching when the model's cache allows it
+        self.continuous = opts.continuous
         self.model = self.tokenizer = None
         self._batcher: ContinuousBatcher | None = None
         self._inbox = self._serving = None
@@ -167,6 +159,8 @@ class TransformersBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
 
+        # imported here, not at the top: both import transformers, and the recipe loader imports this
+        # module (for TransformersOptions) at CLI start
         from magpie_hub.chat.format import load_chat_format
         from magpie_hub.models import resolve_model
 
@@ -366,9 +360,7 @@ class TransformersBackend(Backend):
             kept = kept[:-1]                           # the end-of-turn token is not part of the text
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
         if stopped:
-            cuts = [pos for pos in (text.find(s) for s in stop if s) if pos >= 0]
-            if cuts:
-                text = text[:min(cuts)]
+            text, _ = cut_at_stop(text, stop)
         return GenerationResult(text=text, finish_reason="stop" if stopped else "length", generated_tokens=n)
 
     def stats(self) -> dict:
