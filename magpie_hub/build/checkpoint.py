@@ -1,9 +1,11 @@
 """Build checkpoints: append-only JSONL pieces under ``DIR/.magpie/build/{config}/``.
 
 Every process of every run opens its own piece ``rows-r{rank}-{token}.jsonl`` and appends one line per
-finished conversation (``{"i": index, "u": uuid, "r": row}``), flushed at once and fsync'ed at least every
-``fsync_s`` seconds, so ``kill -9`` at any moment loses at most the row being written: a torn last line
-(no newline, or not JSON) is ignored when reading. A side file ``....stats.json`` (atomically replaced)
+finished conversation (``{"i": index, "u": uuid, "k": replacement, "t": tokens, "r": row}``; ``k`` > 0 when
+the row's own spec and k - 1 replacements exhausted their attempts, ``t`` the tokens of its turns) and one
+line per exhausted spec (``{"i": index, "u": uuid, "k": k, "x": 1}``, so a resume goes on with the next
+replacement), flushed at once and fsync'ed at least every ``fsync_s`` seconds, so ``kill -9`` at any moment
+loses at most the line being written: a torn last line (no newline, or not JSON) is ignored when reading. A side file ``....stats.json`` (atomically replaced)
 carries the piece's drop counts, tokens and wall time, so the manifest's counts add up over resumed runs.
 ``fingerprint.json`` records what the rows depend on (:meth:`Recipe.generation_settings`); a resume with
 a different recipe is refused by the builder.
@@ -34,13 +36,21 @@ def build_state_dir(out: Path, config: str) -> Path:
 
 @dataclass
 class ScanResult:
-    """Where each finished row of a config lives: index -> (piece path, byte offset, byte length)."""
+    """Where each finished row of a config lives: index -> (piece path, byte offset, byte length); its
+    replacement number and tokens; and, per unfinished index, the last exhausted replacement number."""
 
     locations: dict[int, tuple[Path, int, int]] = field(default_factory=dict)
+    replacements: dict[int, int] = field(default_factory=dict)   # index -> k of its row (k > 0 only)
+    tokens: dict[int, int] = field(default_factory=dict)         # index -> tokens of its row's turns
+    exhausted: dict[int, int] = field(default_factory=dict)      # index -> highest exhausted k
     lines: Counter = field(default_factory=Counter)   # piece path -> valid lines (rows written)
     duplicates: int = 0
     torn: int = 0
     stale: int = 0
+
+    def next_replacement(self, index: int) -> int:
+        """The replacement number a (resumed) run starts ``index`` with."""
+        return self.exhausted.get(index, -1) + 1
 
     def rows_by_rank(self) -> dict[str, int]:
         """Rows written per process rank (from the piece names ``rows-r{rank}-...``), over all runs."""
@@ -83,25 +93,32 @@ class Checkpoint:
     def pieces(self) -> list[Path]:
         return sorted(self.dir.glob(PIECE_GLOB)) if self.dir.is_dir() else []
 
-    def scan(self, rows: int, expected_uuid: Callable[[int], str]) -> ScanResult:
-        """Index every complete, valid line; first occurrence of an index wins."""
+    def scan(self, rows: int, expected_uuid: Callable[..., str]) -> ScanResult:
+        """Index every complete, valid line; first occurrence of an index wins. ``expected_uuid(index)``
+        (``expected_uuid(index, k)`` for a replacement k > 0) validates each line's uuid."""
         result = ScanResult()
         for path in self.pieces():
             for offset, line in _lines(path):
                 try:
                     rec = json.loads(line)
-                    index, uid = int(rec["i"]), rec["u"]
-                except (ValueError, KeyError, TypeError):
+                    index, uid, k = int(rec["i"]), rec["u"], int(rec.get("k") or 0)
+                except (ValueError, KeyError, TypeError, AttributeError):
                     result.torn += 1
                     continue
-                if not 0 <= index < rows or uid != expected_uuid(index):
+                if not 0 <= index < rows or k < 0 or uid != (expected_uuid(index, k) if k else expected_uuid(index)):
                     result.stale += 1
+                    continue
+                if rec.get("x"):
+                    result.exhausted[index] = max(k, result.exhausted.get(index, -1))
                     continue
                 result.lines[path] += 1
                 if index in result.locations:
                     result.duplicates += 1
                 else:
                     result.locations[index] = (path, offset, len(line))
+                    result.tokens[index] = int(rec.get("t") or 0)
+                    if k:
+                        result.replacements[index] = k
         return result
 
     def stats(self) -> list[dict[str, Any]]:
@@ -153,16 +170,27 @@ class PieceWriter:
         self.fsync_s, self.stats_s = fsync_s, stats_s
         self.started = time.monotonic()
         self._last_sync = self._last_stats = self.started
-        self.rows = 0
+        self.rows = self.exhausted = 0
         self.dropped: Counter = Counter()
         self.generated_tokens = 0
         self.write_stats()
 
-    def write(self, index: int, uuid: str, row: dict) -> None:
-        line = json.dumps({"i": index, "u": uuid, "r": row}, ensure_ascii=False, separators=(",", ":"))
+    def write(self, index: int, uuid: str, row: dict, *, replacement: int = 0, tokens: int = 0) -> None:
+        rec: dict[str, Any] = {"i": index, "u": uuid}
+        if replacement:
+            rec["k"] = replacement
+        self._append({**rec, "t": int(tokens), "r": row})
+        self.rows += 1
+
+    def mark_exhausted(self, index: int, uuid: str, replacement: int) -> None:
+        """Spec ``replacement`` of row ``index`` used up its attempts: a resume starts at the next one."""
+        self._append({"i": index, "u": uuid, "k": replacement, "x": 1})
+        self.exhausted += 1
+
+    def _append(self, rec: dict) -> None:
+        line = json.dumps(rec, ensure_ascii=False, separators=(",", ":"))
         self._fh.write(line.encode("utf-8") + b"\n")
         self._fh.flush()
-        self.rows += 1
         now = time.monotonic()
         if now - self._last_sync >= self.fsync_s:
             os.fsync(self._fh.fileno())
@@ -176,8 +204,8 @@ class PieceWriter:
     def write_stats(self) -> None:
         self._last_stats = time.monotonic()
         data = {"rank": self.rank, "world": self.world, "backend": self.backend, "rows": self.rows,
-                "dropped": dict(self.dropped), "generated_tokens": self.generated_tokens,
-                "wall_s": round(self._last_stats - self.started, 3)}
+                "exhausted": self.exhausted, "dropped": dict(self.dropped),
+                "generated_tokens": self.generated_tokens, "wall_s": round(self._last_stats - self.started, 3)}
         atomic_write_text(self.stats_path, json.dumps(data) + "\n")
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ import datasets
 import pyarrow.parquet as pq
 
 from magpie_hub import pipeline
-from magpie_hub.dataset.schema import GENERATION_FEATURES
+from magpie_hub.dataset.schema import BUILD_FEATURES
 from magpie_hub.errors import RecipeError
 from magpie_hub.layout import shard_paths
 from magpie_hub.recipe.schema import load_recipe
@@ -65,7 +65,7 @@ class MagpieBuilder(datasets.GeneratorBasedBuilder):
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(
             description=f"MAGPIE synthetic conversations, recipe {self._recipe.name!r}, model {self._recipe.model}",
-            features=GENERATION_FEATURES, citation=CITATION,
+            features=BUILD_FEATURES, citation=CITATION,
         )
 
     def _build_dir(self) -> Path:
@@ -85,7 +85,7 @@ class MagpieBuilder(datasets.GeneratorBasedBuilder):
     def _generate_examples(self, files: list[str]):
         key = 0
         for path in files:
-            for batch in pq.ParquetFile(path).iter_batches(columns=list(GENERATION_FEATURES)):
+            for batch in pq.ParquetFile(path).iter_batches(columns=list(BUILD_FEATURES)):
                 for row in batch.to_pylist():
                     yield key, row
                     key += 1

@@ -54,11 +54,13 @@ def recipe_sha256(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def config_entry(recipe: Recipe, name: str, stats: list[dict], *, shards: int,
-                 rows_by_rank: dict[str, int]) -> dict[str, Any]:
-    """Per-config manifest entry, over all (resumed) runs: rows written per rank come from the checkpoint
-    pieces; drops, tokens and wall time from the pieces' stats files (refreshed every ~2 s, so a killed
-    run's last seconds may be missing from them)."""
+def config_entry(recipe: Recipe, name: str, stats: list[dict], *, shards: int, rows_by_rank: dict[str, int],
+                 replaced: int = 0, kept_tokens: int = 0, truncated_rows: int = 0,
+                 truncated_turns: dict[str, int] | None = None) -> dict[str, Any]:
+    """Per-config manifest entry, over all (resumed) runs: rows written per rank, rows replaced (their own
+    spec exhausted its attempts), kept tokens (of the turns in the written rows) and kept truncated turns
+    come from the checkpoint pieces; drops, generated tokens and wall time from the pieces' stats files
+    (refreshed every ~2 s, so a killed run's last seconds may be missing from them)."""
     cfg = recipe.configs[name]
     dropped: Counter = Counter()
     for s in stats:
@@ -73,12 +75,19 @@ def config_entry(recipe: Recipe, name: str, stats: list[dict], *, shards: int,
         "generated_rows": sum(rows_by_rank.values()),
         "generated_rows_by_rank": rows_by_rank,
         "dropped": dict(sorted(dropped.items())),
-        "generated_tokens": sum(int(s.get("generated_tokens") or 0) for s in stats),
+        "replaced": int(replaced),
+        "truncated_rows": int(truncated_rows),
+        "truncated_turns": dict(sorted((truncated_turns or {}).items())),
+        # a killed run's last stats may lag its rows: generated is at least what was kept
+        "generated_tokens": max(sum(int(s.get("generated_tokens") or 0) for s in stats), int(kept_tokens)),
+        "kept_tokens": int(kept_tokens),
         "wall_time_s": round(sum(float(s.get("wall_s") or 0) / max(int(s.get("world") or 1), 1) for s in stats), 3),
         "device_hours": round(device_s / 3600.0, 6),
         "processes": max([int(s.get("world") or 1) for s in stats] or [1]),
         "backends": sorted({str(s.get("backend")) for s in stats if s.get("backend")}),
     }
+    entry["kept_token_ratio"] = round(entry["kept_tokens"] / entry["generated_tokens"], 4) \
+        if entry["generated_tokens"] else None
     if cfg.categories:
         names = list(cfg.categories)
         entry["categories"] = {n: {"weight": cfg.categories[n] / sum(cfg.categories.values()), "rows": k}
@@ -128,9 +137,14 @@ def build_manifest_update(out: Path, recipe: Recipe, recipe_path: Path, fmt, inf
         m["versions"] = library_versions()
         m["device"] = device_description(world)
         m["card"] = redact_mapping(recipe.card.model_dump(mode="json", exclude_none=True))
+        generated = sum(int(c.get("generated_tokens") or 0) for c in configs.values())
+        kept = sum(int(c.get("kept_tokens") or 0) for c in configs.values())
         m["totals"] = {
             "rows": sum(int(c.get("rows") or 0) for c in configs.values()),
-            "generated_tokens": sum(int(c.get("generated_tokens") or 0) for c in configs.values()),
+            "replaced": sum(int(c.get("replaced") or 0) for c in configs.values()),
+            "generated_tokens": generated,
+            "kept_tokens": kept,
+            "kept_token_ratio": round(kept / generated, 4) if generated else None,
             "dropped": dict(sum((Counter(c.get("dropped") or {}) for c in configs.values()), Counter())),
             "wall_time_s": round(sum(float(c.get("wall_time_s") or 0) for c in configs.values()), 3),
             "device_hours": round(sum(float(c.get("device_hours") or 0) for c in configs.values()), 6),

@@ -6,6 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -46,37 +47,45 @@ class BuildProgress:
         task = self._progress.add_task(label, total=total, completed=done, rps="-", tps="-", dropped="")
         self._tasks[config] = (task, time.monotonic(), done)
 
-    def update(self, config: str, *, new_rows: int, tokens: int, dropped: Mapping[str, int]) -> None:
+    def update(self, config: str, *, new_rows: int, tokens: int, dropped: Mapping[str, int],
+               replaced: int = 0) -> None:
         task, started, done = self._tasks[config]
         elapsed = max(time.monotonic() - started, 1e-6)
         rows = done + new_rows * self.world
         n_dropped = sum(dropped.values())
+        notes = ([f"dropped {n_dropped}"] if n_dropped else []) + ([f"replaced {replaced}"] if replaced else [])
         self._progress.update(task, completed=rows, rps=_rate(new_rows * self.world / elapsed),
-                              tps=_rate(tokens * self.world / elapsed),
-                              dropped=f"dropped {n_dropped}" if n_dropped else "")
+                              tps=_rate(tokens * self.world / elapsed), dropped=", ".join(notes))
+
+
+def _kept(kept: int, generated: int) -> str:
+    return f"{kept / generated:.0%} of {generated:,}" if generated else "-"
 
 
 def summary_table(configs: Mapping[str, Mapping], *, run_wall_s: float) -> Table:
-    """Closing table from the manifest's per-config entries (cumulative over resumed runs)."""
-    table = Table(title=f"magpie-hub build (this run: {run_wall_s:,.1f} s)")
-    table.add_column("config", no_wrap=True)
-    for col in ("rows", "new"):
+    """Closing table from the manifest's per-config entries (cumulative over resumed runs): rows (new in this
+    run), rows replaced (their spec exhausted its attempts), rows with a kept truncated turn, drops, the
+    share of generated tokens kept in written rows and wall time (device-hours: in the manifest and card)."""
+    table = Table(title=f"magpie-hub build (this run: {run_wall_s:,.1f} s)", box=box.SIMPLE_HEAD)
+    table.add_column("config", overflow="fold")
+    for col in ("rows", "new", "repl.", "trunc."):
         table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("dropped by reason", overflow="fold")
-    for col in ("gen. tokens", "wall s", "device-h"):
-        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("dropped by reason", overflow="fold", min_width=12)
+    for col in ("tokens kept", "wall s"):
+        table.add_column(col, justify="right", overflow="fold")
     total: Counter = Counter()
     for name, c in configs.items():
         dropped = c.get("dropped") or {}
         text = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])) or "-"
-        table.add_row(name, f"{c.get('rows', 0):,}", f"{c.get('new_rows', 0):,}", text,
-                      f"{c.get('generated_tokens', 0):,}", f"{c.get('wall_time_s', 0):,.1f}",
-                      f"{c.get('device_hours', 0):.4f}")
+        table.add_row(name, f"{c.get('rows', 0):,}", f"{c.get('new_rows', 0):,}", f"{c.get('replaced', 0):,}",
+                      f"{c.get('truncated_rows', 0):,}", text,
+                      _kept(c.get("kept_tokens", 0), c.get("generated_tokens", 0)), f"{c.get('wall_time_s', 0):,.1f}")
         total.update({"rows": c.get("rows", 0), "new": c.get("new_rows", 0), "drop": sum(dropped.values()),
-                      "tok": c.get("generated_tokens", 0)})
+                      "tok": c.get("generated_tokens", 0), "kept": c.get("kept_tokens", 0),
+                      "replaced": c.get("replaced", 0), "truncated": c.get("truncated_rows", 0)})
         total["wall"] += c.get("wall_time_s", 0)
-        total["dh"] += c.get("device_hours", 0)
     if len(configs) > 1:
-        table.add_row("[bold]total", f"{total['rows']:,}", f"{total['new']:,}", f"{total['drop']:,}",
-                      f"{total['tok']:,}", f"{total['wall']:,.1f}", f"{total['dh']:.4f}")
+        table.add_row("[bold]total", f"{total['rows']:,}", f"{total['new']:,}", f"{total['replaced']:,}",
+                      f"{total['truncated']:,}", f"{total['drop']:,}", _kept(total["kept"], total["tok"]),
+                      f"{total['wall']:,.1f}")
     return table

@@ -240,6 +240,7 @@ def render_card(directory: Path, *, repo: str | None = None, version: str | None
         "provenance": card_text.provenance(manifest),
         "filter": card_text.filter_summary(manifest.get("filter")),
         "assets": assets, "tsne": _drawn_map(stats) if fresh else None,
+        "notes": [card_text.one_line(str(n), 400) for n in options.get("notes") or [] if str(n).strip()],
     }
     body = _environment().get_template(TEMPLATE).render(**context)
     text = f"---\n{header.to_yaml()}\n---\n\n{body.lstrip()}"

@@ -3,7 +3,8 @@
 :func:`compute_stats` streams the shards of every config (only the columns it needs, batch by batch, so
 memory stays flat in the number of text bytes) and returns per-config rows, length summaries (tokens when
 the ``*_length`` tag columns exist, else characters), label distributions and number summaries of the
-columns the registry (:mod:`magpie_hub.tags`) marks for the card, in its order.
+columns the registry (:mod:`magpie_hub.tags`) marks for the card, in its order, and the diversity and
+duplicate figures of :mod:`magpie_hub.card.diversity` (``configs.NAME.diversity``).
 :func:`analyze` adds the plots: length histograms, bar charts of the distributions and a seeded 2-D t-SNE
 map of a sample of instruction embeddings (the dedup step's saved ones where it embedded those rows with
 the same model), and writes everything atomically into the dataset directory.
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from magpie_hub.card.diversity import dataset_diversity
 from magpie_hub.dataset.directory import atomic_path, atomic_write_text, read_manifest
 from magpie_hub.errors import DatasetDirError, ModelError
 from magpie_hub.layout import ASSETS_DIR, SPLIT, STATS, config_names, shard_paths
@@ -142,6 +144,10 @@ def _compute(directory: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
     configs, lengths = {}, {}
     for name, paths in shards.items():
         configs[name], lengths[name] = _config_stats(name, paths)
+    for name, figures in dataset_diversity(directory, shards).items():
+        if "pairwise" in figures:
+            figures["pairwise"]["model"] = model_label(figures["pairwise"]["model"])
+        configs[name]["diversity"] = figures
     return {"version": STATS_VERSION, "configs": configs}, lengths
 
 
@@ -314,7 +320,7 @@ def model_label(model: str) -> str:
 
 def default_embedding_model(directory: Path) -> str:
     """The near-duplicate tag step's embedding model: its recorded ``model`` option, else the dedup step's
-    own default (``$MAGPIE_HUB_EMBEDDING_MODEL``, else the paper's)."""
+    own default (``$MAGPIE_HUB_EMBEDDING_MODEL``, else the paper's, or offline the MiniLM fallback)."""
     steps = (read_manifest(directory).get("tags") or {}).get("steps") or {}
     dedup_columns = set(registered(DedupStep.name).names)
     for info in steps.values():
@@ -331,8 +337,9 @@ def analyze(directory: Path, *, embedding_model: str | os.PathLike | None = None
     """Write ``magpie_stats.json`` and ``assets/*.png`` for ``directory``; return the statistics.
 
     ``embedding_model``: a sentence-transformers id or directory for the t-SNE map (ModelError if it
-    cannot be loaded). Default: the near-duplicate step's model, else the paper's; when that default is not
-    available offline the map is skipped with a warning (the statistics do not need it). ``max_points`` caps the rows embedded; ``seed`` fixes the sample and the map.
+    cannot be loaded). Default: the near-duplicate step's model, else the dedup step's default (the paper's,
+    or offline its MiniLM fallback); when that default cannot be loaded the map is skipped with a warning
+    (the statistics do not need it). ``max_points`` caps the rows embedded; ``seed`` fixes the sample and the map.
     """
     directory = Path(directory)
     stats, lengths = _compute(directory)

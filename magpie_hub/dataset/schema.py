@@ -1,6 +1,7 @@
 """The row schema of every generated config: typed with ``datasets.Features``, stable across backends.
 
-Tag steps add columns (see :mod:`magpie_hub.tags`); the generation columns below never change name.
+Tag steps add columns (see :mod:`magpie_hub.tags`); the generation columns below never change name. A build
+writes :data:`BUILD_FEATURES` (the generation columns + :data:`OUTCOME_FEATURES`).
 """
 
 from __future__ import annotations
@@ -30,3 +31,12 @@ GENERATION_FEATURES = Features(
 )
 
 GENERATION_COLUMNS = tuple(GENERATION_FEATURES)
+
+# How each kept turn ended, recorded by builds since the per-role truncation policy (datasets built before
+# lack them, so readers treat them as optional): ``finish_reasons`` has one entry per message of
+# ``messages`` ("stop", "length": cut at max_new_tokens, "loop": a degenerate loop cut after its first copy);
+# ``truncated`` is true when any of them is not "stop" (a filter's ``truncated == false`` keeps complete rows).
+OUTCOME_FEATURES = Features({"truncated": Value("bool"), "finish_reasons": List(Value("string"))})
+
+# The columns a build writes: the generation columns, then the outcome columns.
+BUILD_FEATURES = Features({**GENERATION_FEATURES, **OUTCOME_FEATURES})

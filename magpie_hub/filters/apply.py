@@ -111,9 +111,9 @@ def _prepare_out(directory: Path, out: Path) -> None:
                               "remove it")
 
 
-def filter_dataset(directory: Path | str, preset: str | Path, out: Path | str, *,
+def filter_dataset(directory: Path | str, preset: str | Path | FilterSpec, out: Path | str, *,
                    console: Console | None = None, finish: Callable[[Path], None] | None = None) -> FilterReport:
-    """Filter every config of ``directory`` with ``preset`` (name or YAML path) into ``out``.
+    """Filter every config of ``directory`` with ``preset`` (name, YAML path or parsed spec) into ``out``.
 
     ``finish(staged_dir)`` (the pipeline renders the card there) runs on the complete output before it
     replaces ``out`` in one rename."""

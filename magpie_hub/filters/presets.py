@@ -91,8 +91,20 @@ def parse_spec(text: str, *, default_name: str, source: str) -> FilterSpec:
                       rules=ordered)
 
 
-def load_filter_spec(preset: str | Path) -> FilterSpec:
-    """``preset`` is a built-in name (``pro``, ``air``, ``pro-card``) or the path of a filter YAML."""
+def recipe_filter_spec(value: str | dict | list, recipe_dir: Path) -> FilterSpec:
+    """A recipe's ``filters:``: a preset name, a filter YAML path (relative to the recipe), or the spec inline
+    (a ``{name, description, rules}`` mapping or a list of rules)."""
+    if isinstance(value, str):
+        path = recipe_dir / value
+        return load_filter_spec(path if path.suffix in (".yaml", ".yml") and path.is_file() else value)
+    name = value.get("name") if isinstance(value, dict) else None
+    return parse_spec(yaml.safe_dump(value), default_name=name or "recipe-filter", source="recipe filters:")
+
+
+def load_filter_spec(preset: str | Path | FilterSpec) -> FilterSpec:
+    """``preset`` is a built-in name (``pro``, ``air``, ``pro-card``), the path of a filter YAML, or a parsed spec."""
+    if isinstance(preset, FilterSpec):
+        return preset
     text = str(preset)
     builtin = None if Path(text).suffix in (".yaml", ".yml") else _read_preset(text)
     if builtin is not None:

@@ -3,7 +3,8 @@
 Forms accepted in a filter YAML's ``rules:`` list (applied in order; keep-longest-N always last):
 
 - ``"input_quality >= average"`` — comparison (``> >= < <= == !=``); judge labels compare on their
-  ordered scale (``very poor < poor < average < good < excellent``), numbers numerically;
+  ordered scale (``very poor < poor < average < good < excellent``), numbers numerically, booleans with
+  ``==`` / ``!=`` (``truncated == false``: rows with no turn cut at max_new_tokens or at a loop);
 - ``'instruction not endswith ":"'`` — ``startswith`` / ``endswith`` / ``contains``, optionally ``not``;
 - ``"language in [en, de]"`` — membership, optionally ``not in``;
 - ``"dedup"`` or ``{dedup: true}`` — near-duplicate removal keeping the first row of each group
@@ -133,7 +134,8 @@ def _finish(result: pa.Array | pa.ChunkedArray) -> tuple[pa.BooleanArray, int]:
 
 
 class CompareRule(ColumnRule):
-    """``COLUMN OP VALUE`` on a numeric column, an ordered-label column, or (== / !=) a string column."""
+    """``COLUMN OP VALUE`` on a numeric column, an ordered-label column, or (== / !=) a string or boolean
+    column."""
 
     kind = "compare"
     operators = tuple(_SYMBOL_OPS)
@@ -152,8 +154,11 @@ class CompareRule(ColumnRule):
                 raise RecipeError(f"filter rule '{self.describe()}': {value!r} is not a {column} label; use one "
                                   f"of: {', '.join(self.scale)}")
             self.rank = self.scale.index(label)
-        elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise RecipeError(f"filter rule '{self.describe()}': compare with a number or a string")
+        elif isinstance(value, bool):
+            if op not in ("==", "!="):
+                raise RecipeError(f"filter rule '{self.describe()}': compare a boolean with == or !=")
+        elif not isinstance(value, (int, float, str)):
+            raise RecipeError(f"filter rule '{self.describe()}': compare with a number, a string or true/false")
         elif isinstance(value, str) and op not in ("==", "!="):
             raise RecipeError(f"filter rule '{self.describe()}': {op} needs a number (or an ordered label of "
                               f"{', '.join(scales)})")
@@ -163,6 +168,8 @@ class CompareRule(ColumnRule):
         return cls(form.column, form.op, form.value)
 
     def describe(self) -> str:
+        if isinstance(self.value, bool):
+            return f"{self.column} {self.op} {str(self.value).lower()}"
         value = self.value if not isinstance(self.value, str) or self.scale else f'"{self.value}"'
         return f"{self.column} {self.op} {value}"
 
@@ -173,6 +180,11 @@ class CompareRule(ColumnRule):
             labels = pc.utf8_lower(pc.utf8_trim_whitespace(values.cast(pa.string())))
             ranks = pc.index_in(labels, value_set=pa.array(self.scale))  # off-scale -> null
             return _finish(func(ranks, pa.scalar(self.rank, pa.int32())))
+        if isinstance(self.value, bool):
+            if not pa.types.is_boolean(values.type):
+                raise RecipeError(f"filter rule '{self.describe()}': column {self.column} is {values.type}, "
+                                  "not true/false")
+            return _finish(func(values, pa.scalar(self.value)))
         if isinstance(self.value, str):
             if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
                 raise RecipeError(f"filter rule '{self.describe()}': column {self.column} is {values.type}, "

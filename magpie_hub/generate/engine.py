@@ -8,11 +8,18 @@ Semantics (the paper's and the official code's, minus their flaws):
 * turn k+1, user: ``chat_format.user_prompt(history, system=multi_turn_system_prompt)`` (the official
   multi-turn system prompt + the rendered history + the next user header).
 * user turns stop at ``chat_format.user_stop``, assistant turns at ``chat_format.assistant_stop``.
-* clean-up: strip; drop empty, truncated (finish_reason "length"), instructions ending with ":",
-  texts containing a template stop marker; the official newline stop only as an option.
+* truncated turns: a turn cut at ``max_new_tokens`` ("length"), or whose text ends in a degenerate loop
+  (``SamplingParams.loop_stop``: then "loop", cut after the loop's first copy), is dropped or kept per role
+  (``CleanupOptions.truncated_instruction`` / ``truncated_response``; default: instructions dropped,
+  responses kept, as the official code). Each kept turn's finish reason ("stop", "length", "loop") is
+  recorded, per message, in the row (``finish_reasons``, ``truncated``) so filters can decide.
+* clean-up: strip; drop empty, instructions ending with ":", texts containing a template stop marker; the
+  official newline stop only as an option.
 * a conversation with any failed/dropped turn is discarded whole (counted by reason in ``dropped``) and
   regenerated from scratch with new attempt seeds, up to ``max_attempts``; half-made conversations are
-  never yielded (a spec that exhausts its attempts is recorded in ``exhausted`` and not yielded).
+  never yielded. A spec that exhausts its attempts is recorded in ``exhausted`` (and ``on_exhausted`` is
+  called); ``replace(spec)`` may give a replacement spec (same row, a new uuid: new seeds), generated in the
+  same task; without one the spec is recorded in ``failed`` and not yielded.
 * request seeds depend only on (base seed, uuid, turn, role, attempt): a row's content does not depend on
   scheduling or on which batch its requests land in.
 * conversations run concurrently (bounded by ``concurrency``); turn k+1 is sent as soon as turn k
@@ -25,7 +32,7 @@ import asyncio
 import collections
 import functools
 import hashlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -33,11 +40,14 @@ from magpie_hub.generate.backends.base import (
     Backend,
     GenerationRequest,
     GenerationResult,
+    LoopStop,
     SamplingParams,
     cut_at_stop,
 )
 
 Role = Literal["user", "assistant"]
+TruncationPolicy = Literal["drop", "keep"]
+TRUNCATED = ("length", "loop")              # finish reasons of a truncated turn
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class ConversationSpec:
     instruction_params: SamplingParams
     response_params: SamplingParams
     instruction_stop_newline: bool = False
+    replacement: int = 0                 # 0 = the row's own spec; k = its k-th replacement (new uuid)
 
 
 @dataclass
@@ -63,15 +74,24 @@ class Conversation:
     turns: list[tuple[str, str]]
     generated_tokens: int                # tokens of the kept attempt
     attempts: int                        # 1 = first try succeeded
+    finish: list[str] | None = None      # per message (user, assistant, ...): "stop", "length" or "loop"
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return list(self.finish) if self.finish is not None else ["stop"] * (2 * len(self.turns))
 
 
 @dataclass(frozen=True)
 class CleanupOptions:
     strip: bool = True
     drop_empty: bool = True
-    drop_truncated: bool = True
     drop_colon_ending: bool = True       # instructions only
     newline_stop: bool = False           # the official one-line instructions (off by default)
+    truncated_instruction: TruncationPolicy = "drop"
+    truncated_response: TruncationPolicy = "keep"   # the official code keeps them; filters decide
+
+    def truncation(self, role: Role) -> TruncationPolicy:
+        return self.truncated_instruction if role == "user" else self.truncated_response
 
 
 def request_seed(base: int, uuid: str, turn: int, role: str, attempt: int) -> int:
@@ -89,6 +109,7 @@ class _Dropped(Exception):
 @dataclass
 class _Attempt:
     turns: list[tuple[str, str]] = field(default_factory=list)
+    finish: list[str] = field(default_factory=list)
     tokens: int = 0
 
 
@@ -97,7 +118,8 @@ class ConversationEngine:
 
     def __init__(self, backend: Backend, chat_format, *, cleanup: CleanupOptions | None = None,
                  multi_turn_system_prompt: str | None = None, max_attempts: int = 10, concurrency: int = 64,
-                 seed: int = 0):
+                 seed: int = 0, replace: Callable[[ConversationSpec], ConversationSpec | None] | None = None,
+                 on_exhausted: Callable[[ConversationSpec], None] | None = None):
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         if concurrency < 1:
@@ -111,8 +133,13 @@ class ConversationEngine:
         self.seed = seed                                  # used when a spec's params carry no seed
         self.dropped: collections.Counter = collections.Counter()
         self.generated_tokens = 0                         # all attempts, kept or dropped
+        self.kept_tokens = 0                              # tokens of the yielded conversations
+        self.truncated_kept: collections.Counter = collections.Counter()   # kept truncated turns by reason
         self.requests = 0
-        self.exhausted: list[ConversationSpec] = []       # specs that failed max_attempts times
+        self.replace, self.on_exhausted = replace, on_exhausted
+        self.exhausted: list[ConversationSpec] = []       # every spec that failed max_attempts times
+        self.failed: list[ConversationSpec] = []          # rows given up (exhausted, no replacement left)
+        self.replaced = 0                                 # conversations yielded under a replacement spec
         self._first_prompts: dict[str | None, str] = {}
         self._markers = tuple(s for s in getattr(chat_format, "stop", ()) if s and s.strip())
 
@@ -148,9 +175,28 @@ class ConversationEngine:
                 await asyncio.gather(*pending, return_exceptions=True)
 
     async def conversation(self, spec: ConversationSpec) -> Conversation | None:
-        """Generate one conversation, regenerating from scratch after a dropped turn; None if exhausted."""
+        """Generate one row: its spec, then its replacements while one exhausts ``max_attempts``; None when
+        no replacement is left."""
         if spec.turns < 1:
             raise ValueError(f"turns must be >= 1 (spec {spec.uuid})")
+        while True:
+            conv = await self._attempts(spec)
+            if conv is not None:
+                self.replaced += spec.replacement > 0
+                self.kept_tokens += conv.generated_tokens
+                self.truncated_kept.update(f for f in conv.finish_reasons if f in TRUNCATED)
+                return conv
+            self.exhausted.append(spec)
+            if self.on_exhausted is not None:
+                self.on_exhausted(spec)
+            following = self.replace(spec) if self.replace is not None else None
+            if following is None:
+                self.failed.append(spec)
+                return None
+            spec = following
+
+    async def _attempts(self, spec: ConversationSpec) -> Conversation | None:
+        """One spec, regenerated from scratch after a dropped turn; None when ``max_attempts`` are used up."""
         for attempt in range(1, self.max_attempts + 1):
             state = _Attempt()
             try:
@@ -160,8 +206,8 @@ class ConversationEngine:
                 continue
             finally:
                 self.generated_tokens += state.tokens
-            return Conversation(spec=spec, turns=state.turns, generated_tokens=state.tokens, attempts=attempt)
-        self.exhausted.append(spec)
+            return Conversation(spec=spec, turns=state.turns, generated_tokens=state.tokens, attempts=attempt,
+                                finish=state.finish)
         return None
 
     # -- one attempt -----------------------------------------------------------------------------------------
@@ -192,31 +238,35 @@ class ConversationEngine:
         self.requests += 1
         result = await self.backend.generate(GenerationRequest(prompt=prompt, params=params, stop=stop, role=role))
         state.tokens += max(0, int(result.generated_tokens or 0))
-        reason, text = self.clean(result, role, newline=newline)
+        reason, text, finish = self.clean(result, role, newline=newline, loop=params.loop_stop)
         if reason is not None:
             raise _Dropped(reason)
+        state.finish.append(finish)
         return text
 
-    def clean(self, result: GenerationResult, role: Role, *, newline: bool = False) -> tuple[str | None, str]:
-        """(drop reason or None, cleaned text) for one turn's result."""
+    def clean(self, result: GenerationResult, role: Role, *, newline: bool = False,
+              loop: LoopStop | None = None) -> tuple[str | None, str, str]:
+        """(drop reason or None, cleaned text, finish reason: "stop", "length", "loop" or "error")."""
         opts = self.cleanup
         if result.finish_reason == "error":
-            return "error", ""
+            return "error", "", "error"
         text, finish = result.text or "", result.finish_reason
         if newline and role == "user":
             text, cut = cut_at_stop(text, ("\n",))
             finish = "stop" if cut else finish
-        if finish == "length" and opts.drop_truncated:
-            return "truncated", text
+        if finish == "length" and loop is not None and (cut_at := loop.text_cut(text)) is not None:
+            text, finish = text[:cut_at], "loop"
+        if finish in TRUNCATED and opts.truncation(role) == "drop":
+            return ("truncated" if finish == "length" else "loop"), text, finish
         if opts.strip:
             text = text.strip()
         if opts.drop_empty and not text.strip():
-            return "empty", text
+            return "empty", text, finish
         if role == "user" and opts.drop_colon_ending and text.rstrip().endswith(":"):
-            return "colon", text
+            return "colon", text, finish
         if any(marker in text for marker in self._markers):
-            return "role_leak", text              # a template marker inside a turn: roles would mix
-        return None, text
+            return "role_leak", text, finish      # a template marker inside a turn: roles would mix
+        return None, text, finish
 
 
 @functools.lru_cache(maxsize=256)
@@ -226,7 +276,7 @@ def _pre_query(chat_format, system: str | None) -> str:
 
 def conversation_to_row(conv: Conversation, *, model: str, chat_format, seed: int,
                         input_generator: str | None = None) -> dict:
-    """One dataset row (``schema.GENERATION_FEATURES``) from a finished conversation."""
+    """One dataset row (``schema.BUILD_FEATURES``) from a finished conversation."""
     spec = conv.spec
     params = spec.instruction_params
     turns: Sequence[tuple[str, str]] = conv.turns
@@ -250,8 +300,10 @@ def conversation_to_row(conv: Conversation, *, model: str, chat_format, seed: in
         "messages": messages,
         "turns": len(turns),
         "category": spec.category,
+        "truncated": any(f in TRUNCATED for f in conv.finish_reasons),
+        "finish_reasons": conv.finish_reasons,
     }
 
 
-__all__ = ["CleanupOptions", "Conversation", "ConversationEngine", "ConversationSpec", "conversation_to_row",
-           "request_seed"]
+__all__ = ["TRUNCATED", "CleanupOptions", "Conversation", "ConversationEngine", "ConversationSpec",
+           "conversation_to_row", "request_seed"]

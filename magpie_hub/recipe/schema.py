@@ -23,13 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from magpie_hub.errors import RecipeError
-from magpie_hub.generate.backends import BACKENDS, option_keys, parse_backend_options
+from magpie_hub.generate.backends import BACKENDS, backend_class, option_keys, parse_backend_options
 
 # Official MAGPIE strings (magpie-align/magpie; typos are theirs, kept verbatim).
 MULTI_TURN_SYSTEM_PROMPT = (
@@ -64,13 +64,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SamplingMix(_Strict):
+class _Penalties(_Strict):
+    # off by default, as the paper; transformers' semantics (the prompt's tokens count as seen)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    no_repeat_ngram_size: int | None = Field(None, ge=1, le=1024)
+
+
+class SamplingMix(_Penalties):
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     share: float = Field(1.0, ge=0.0)
 
 
-class ResponseSampling(_Strict):
+class ResponseSampling(_Penalties):
     temperature: float = Field(0.0, ge=0.0, le=10.0)   # greedy, as the paper
     top_p: float = Field(1.0, gt=0.0, le=1.0)
 
@@ -83,9 +89,39 @@ class MaxNewTokens(_Strict):
 class Cleanup(_Strict):
     strip: bool = True
     drop_empty: bool = True
-    drop_truncated: bool = True
     drop_colon_ending: bool = True
     newline_stop: bool = False   # the official one-line instructions; off by default
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "drop_truncated" in data:
+            raise ValueError("drop_truncated moved to the recipe's `truncation:` section, e.g. "
+                             "truncation: {instruction: drop, response: keep}")
+        return data
+
+
+class LoopStopRecipe(_Strict):
+    """A loop ends a turn ("loop"): ``repeats`` copies of <= ``max_ngram`` tokens, >= ``min_tokens`` in all."""
+
+    max_ngram: int = Field(20, ge=1, le=256)
+    repeats: int = Field(3, ge=2, le=100)
+    min_tokens: int = Field(32, ge=2, le=100_000)
+
+
+class Truncation(_Strict):
+    """What a turn cut at max_new_tokens (or at a loop) does, per role: ``drop`` regenerates the
+    conversation, ``keep`` keeps it with its finish reason recorded (columns ``truncated``,
+    ``finish_reasons``) for filters to decide, as the official code keeps truncated responses."""
+
+    instruction: Literal["drop", "keep"] = "drop"
+    response: Literal["drop", "keep"] = "keep"
+    loops: LoopStopRecipe | None = Field(default_factory=LoopStopRecipe)   # null or false: no loop stop
+
+    @field_validator("loops", mode="before")
+    @classmethod
+    def _loops_off(cls, value: Any) -> Any:
+        return {} if value is True else None if value is False else value
 
 
 class ConfigRecipe(_Strict):
@@ -121,6 +157,7 @@ class CardOptions(BaseModel):
     pretty_name: str | None = None
     language: str | list[str] | None = None
     task_categories: list[str] | None = None
+    notes: list[str] | None = None   # extra "Limitations" bullets (e.g. how small the judge model is)
 
 
 class Recipe(_Strict):
@@ -135,7 +172,11 @@ class Recipe(_Strict):
     response_sampling: ResponseSampling = Field(default_factory=ResponseSampling)
     max_new_tokens: MaxNewTokens = Field(default_factory=MaxNewTokens)
     cleanup: Cleanup = Field(default_factory=Cleanup)
+    truncation: Truncation = Field(default_factory=Truncation)
     max_attempts: int = Field(10, ge=1, le=1000)
+    # a row whose conversation fails max_attempts times is generated again under a new uuid (same sampling
+    # mix and category, new seeds), at most this many times; only then does the build stop (resumable)
+    max_replacements: int = Field(3, ge=0, le=1000)
     # conversations in flight; None = the backend's own limit (TGI: /info max_concurrent_requests), else 64
     concurrency: int | None = Field(None, ge=1, le=100_000)
     multi_turn_system_prompt: str = MULTI_TURN_SYSTEM_PROMPT
@@ -167,6 +208,13 @@ class Recipe(_Strict):
             raise ValueError(str(exc)) from None
         if sum(m.share for m in self.instruction_sampling) <= 0:
             raise ValueError("instruction_sampling shares sum to 0: give at least one positive share")
+        unsupported = backend_class(self.backend).unsupported_sampling
+        for where, sampling in [*((f"instruction_sampling.{i}", m) for i, m in enumerate(self.instruction_sampling)),
+                                ("response_sampling", self.response_sampling)]:
+            for key in sorted(unsupported):
+                if getattr(sampling, key, None) is not None:
+                    raise ValueError(f"{where}.{key}: the {self.backend} backend cannot apply {key} (the "
+                                     "transformers backend can); remove it")
         prompts = self.all_category_prompts
         for cname, cfg in self.configs.items():
             if not _NAME_RE.match(cname):
@@ -186,6 +234,8 @@ class Recipe(_Strict):
         return hashlib.sha256(json.dumps(self.generation_settings(config), sort_keys=True).encode()).hexdigest()
 
     def generation_settings(self, config: str) -> dict:
+        """Everything the rows depend on. Not ``max_replacements``: raising it only lets a stopped build
+        finish (each row's chain of replacements is fixed), so a resume with a higher value is allowed."""
         cfg = self.configs[config]
         prompts = self.all_category_prompts
         cats = {cfg.category: 1.0} if cfg.category else (cfg.categories or {})
@@ -193,9 +243,10 @@ class Recipe(_Strict):
             "model": self.model, "revision": self.revision, "seed": self.seed, "config": config,
             "rows": cfg.rows, "turns": cfg.turns, "system_prompt": cfg.system_prompt,
             "categories": {k: [v, prompts[k]] for k, v in sorted(cats.items())},
-            "instruction_sampling": [m.model_dump() for m in self.instruction_sampling],
-            "response_sampling": self.response_sampling.model_dump(),
+            "instruction_sampling": [m.model_dump(exclude_none=True) for m in self.instruction_sampling],
+            "response_sampling": self.response_sampling.model_dump(exclude_none=True),
             "max_new_tokens": self.max_new_tokens.model_dump(), "cleanup": self.cleanup.model_dump(),
+            "truncation": self.truncation.model_dump(), "max_attempts": self.max_attempts,
             "multi_turn_system_prompt": self.multi_turn_system_prompt if cfg.turns > 1 else None,
         }
 
@@ -221,6 +272,7 @@ class RowPlan:
     mix: SamplingMix
     category: str | None
     system_prompt: str | None
+    replacement: int = 0
 
 
 def exact_counts(weights: list[float], total: int) -> list[int]:
@@ -261,10 +313,14 @@ class ConfigPlan:
         slots = _assignment([self.cfg.categories[n] for n in names], self.rows, f"{self.recipe.seed}/{self.config}/categories")
         return [names[k] for k in slots]
 
-    def uuid(self, index: int) -> str:
-        return str(uuid_lib.uuid5(UUID_NAMESPACE, f"{self.recipe.seed}/{self.config}/{index}"))
+    def uuid(self, index: int, replacement: int = 0) -> str:
+        """Row ``index``'s uuid; its ``replacement``-th replacement (k >= 1) has its own."""
+        key = f"{self.recipe.seed}/{self.config}/{index}" + (f"/replacement-{replacement}" if replacement else "")
+        return str(uuid_lib.uuid5(UUID_NAMESPACE, key))
 
-    def row(self, index: int) -> RowPlan:
+    def row(self, index: int, replacement: int = 0) -> RowPlan:
+        """Row ``index``; with ``replacement`` k >= 1, the spec that replaces it after k exhausted ones: the
+        same sampling mix and category (the exact counts hold), a new uuid (so new request seeds)."""
         if not 0 <= index < self.rows:
             raise IndexError(index)
         category = self.cfg.category or (self._categories[index] if self._categories else None)
@@ -272,7 +328,7 @@ class ConfigPlan:
         if category is not None:
             system = self.recipe.all_category_prompts[category]
         mix = self.recipe.instruction_sampling[self._mixes[index]]
-        return RowPlan(index, self.uuid(index), mix, category, system)
+        return RowPlan(index, self.uuid(index, replacement), mix, category, system, replacement)
 
 
 def _describe(err: dict) -> str:

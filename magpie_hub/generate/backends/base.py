@@ -15,7 +15,7 @@ loader imports it to validate the options.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -65,14 +65,67 @@ def cut_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def loop_period(seq: Sequence, *, max_period: int, repeats: int, min_span: int) -> int | None:
+    """The period ``p`` (smallest first, ``p <= max_period``) when ``seq`` (tokens or text) ends in a
+    periodic tail of at least ``repeats`` copies and ``min_span`` items; None otherwise."""
+    n = len(seq)
+    if n < max(min_span, repeats):
+        return None
+    last = seq[-1]
+    for p in range(1, min(max_period, n // repeats) + 1):
+        span = max(repeats * p, min_span)
+        if span <= n and seq[-1 - p] == last and seq[n - span + p:] == seq[n - span:n - p]:
+            return p
+    return None
+
+
+def loop_cut(seq: Sequence, period: int) -> int:
+    """Length of ``seq`` up to the end of the first copy of its periodic tail of ``period``."""
+    start = len(seq) - period
+    while start > 0 and seq[start - 1] == seq[start - 1 + period]:
+        start -= 1
+    return start + period
+
+
+@dataclass(frozen=True)
+class LoopStop:
+    """A degenerate loop: the text ends in ``repeats`` or more back-to-back copies of one unit of at most
+    ``max_ngram`` tokens, the repeated tail covering at least ``min_tokens`` tokens (so short legitimate
+    repetitions such as a table rule or ``0, 0, 0`` do not count). Backends that see tokens stop the turn
+    there (the local one); the engine labels any turn cut at ``max_new_tokens`` whose text ends that way
+    (periods up to ``TEXT_CHARS_PER_TOKEN * max_ngram`` characters) a "loop" and keeps its first copy."""
+
+    max_ngram: int = 20
+    repeats: int = 3
+    min_tokens: int = 32
+    TEXT_CHARS_PER_TOKEN: ClassVar[int] = 16     # a generous bound: a unit of n tokens is < 16 n characters
+
+    def in_tokens(self, tokens: Sequence[int]) -> bool:
+        return loop_period(tokens, max_period=self.max_ngram, repeats=self.repeats,
+                           min_span=self.min_tokens) is not None
+
+    def text_cut(self, text: str) -> int | None:
+        """Where to cut ``text`` (after the first copy of its loop), or None when it does not end in one."""
+        period = loop_period(text, max_period=self.max_ngram * self.TEXT_CHARS_PER_TOKEN, repeats=self.repeats,
+                             min_span=self.min_tokens)
+        return None if period is None else loop_cut(text, period)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings of one request. ``temperature == 0`` means greedy decoding."""
+    """Sampling settings of one request. ``temperature == 0`` means greedy decoding.
+
+    ``repetition_penalty`` / ``no_repeat_ngram_size`` follow transformers' logits processors (the prompt's
+    tokens count as seen); None = off, as the paper. ``loop_stop``: end the turn at a degenerate loop
+    (:class:`LoopStop`), where the backend can see it while generating."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 512
     seed: int | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    loop_stop: LoopStop | None = None
 
     @property
     def greedy(self) -> bool:
@@ -116,6 +169,9 @@ class Backend(abc.ABC):
 
     name: ClassVar[str] = "base"
     Options: ClassVar[type[BackendOptions]] = BackendOptions
+    # SamplingParams fields this backend cannot honour (refused when the recipe loads), e.g. a server API
+    # without no_repeat_ngram_size
+    unsupported_sampling: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def parse_options(cls, options: Mapping[str, Any] | None) -> BackendOptions:

@@ -45,6 +45,7 @@ class OpenAICompletionsBackend(HTTPBackend):
 
     name = "openai"
     Options = OpenAIOptions
+    unsupported_sampling = frozenset({"no_repeat_ngram_size"})     # not in vLLM's / llama.cpp's request body
     server_kind = "OpenAI-compatible server"
     env_var = "MAGPIE_OPENAI_ENDPOINT"
     token_option = "api_key"
@@ -150,6 +151,11 @@ class OpenAICompletionsBackend(HTTPBackend):
         if stop:
             body["stop"] = self._stop_list(stop)
         body.update({"temperature": 0.0} if params.greedy else sampling_fields(params, seed_bits=63))
+        if params.repetition_penalty is not None:
+            if self.server.get("owned_by") == "llamacpp":   # llama.cpp's name; -1: over the whole context
+                body.update(repeat_penalty=float(params.repetition_penalty), repeat_last_n=-1)
+            else:                                           # vLLM, SGLang (prompt + output, as transformers)
+                body["repetition_penalty"] = float(params.repetition_penalty)
         return body
 
     async def _send(self, prompt: str, kwargs: dict):

@@ -35,6 +35,7 @@ class TGIBackend(HTTPBackend):
 
     name = "tgi"
     Options = TGIOptions
+    unsupported_sampling = frozenset({"no_repeat_ngram_size"})     # TGI's API has no such parameter
     server_kind = "TGI server"
     env_var = "MAGPIE_TGI_ENDPOINT"
     token_option = "token"
@@ -145,6 +146,8 @@ class TGIBackend(HTTPBackend):
             kwargs["do_sample"] = False
         else:
             kwargs.update(do_sample=True, **sampling_fields(params, seed_bits=64))
+        if params.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = float(params.repetition_penalty)
         return kwargs
 
     async def _send(self, prompt: str, kwargs: dict):

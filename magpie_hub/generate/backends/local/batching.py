@@ -1,23 +1,23 @@
-"""Per-row sampling and continuous batching for :mod:`magpie_hub.generate.backends.local.transformers`.
+"""Per-row sampling and stopping for :mod:`magpie_hub.generate.backends.local.transformers`.
 
 * :func:`sample_rows` draws each row's next token with that row's temperature / top-p and its own
   ``torch.Generator`` (one uniform number per step, inverse CDF): a row's text depends only on its seed
   and its logits, never on the other rows of the batch.
-* :class:`ContinuousBatcher` is a decode loop over a KV cache (``DynamicCache`` of plain layers): finished
-  rows leave the batch at once and queued requests are prefilled and merged in (left-padded), so the
-  batch stays full instead of waiting for its longest row, as ``model.generate`` batches do.
+* :class:`Row` is one request in flight in the continuous batcher
+  (:mod:`magpie_hub.generate.backends.local.continuous`).
 * :class:`RowSampler` and :class:`RowStopper` are the per-row sampling and stopping of the
   ``model.generate`` fallback path.
+* :class:`RowPenalty` applies a row's ``repetition_penalty`` / ``no_repeat_ngram_size`` (transformers'
+  semantics: prompt and generated tokens count) before sampling (:func:`penalize` in the continuous
+  batcher, :class:`RowSampler` in the fallback path); a row with ``loop_stop`` ends at a degenerate loop.
 """
 
 from __future__ import annotations
 
-import queue
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from magpie_hub.generate.backends.base import GenerationRequest, GenerationResult
+from magpie_hub.generate.backends.base import GenerationRequest, GenerationResult, SamplingParams
 
 
 def make_generator(seed: int | None):
@@ -58,17 +58,80 @@ def sample_rows(scores, temperatures: list[float], top_ps: list[float], generato
     return choice
 
 
+class RowPenalty:
+    """One row's ``repetition_penalty`` and ``no_repeat_ngram_size``, as transformers'
+    ``RepetitionPenaltyLogitsProcessor`` / ``NoRepeatNGramLogitsProcessor`` over prompt + generated tokens;
+    the generated tokens are indexed incrementally (a step costs O(1) python work, not O(length))."""
+
+    def __init__(self, prompt_ids: list[int], repetition_penalty: float | None, no_repeat_ngram_size: int | None):
+        self.penalty = repetition_penalty if repetition_penalty not in (None, 1.0) else None
+        self.n = int(no_repeat_ngram_size or 0)
+        self.seq: list[int] = []
+        self.seen: set[int] = set()
+        self.ngrams: dict[tuple[int, ...], set[int]] = {}
+        self.prompt_len = len(prompt_ids)
+        self._extend(prompt_ids)
+
+    @classmethod
+    def of(cls, params: SamplingParams, prompt_ids: list[int]) -> RowPenalty | None:
+        if params.repetition_penalty in (None, 1.0) and not params.no_repeat_ngram_size:
+            return None
+        return cls(prompt_ids, params.repetition_penalty, params.no_repeat_ngram_size)
+
+    def _extend(self, tokens) -> None:
+        n, seq = self.n, self.seq
+        for token in tokens:
+            seq.append(token)
+            self.seen.add(token)
+            if n and len(seq) >= n:
+                self.ngrams.setdefault(tuple(seq[len(seq) - n:-1]), set()).add(token)
+
+    def __call__(self, scores, generated: list[int]):
+        """``scores`` (one row of logits, V) adjusted for the prompt and ``generated`` (all tokens so far)."""
+        import torch
+
+        self._extend(generated[len(self.seq) - self.prompt_len:])
+        if self.penalty is not None:
+            idx = torch.tensor(sorted(self.seen), device=scores.device)
+            picked = scores.index_select(0, idx)
+            scores = scores.index_copy(0, idx, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
+        if self.n and len(self.seq) >= self.n - 1:
+            banned = self.ngrams.get(tuple(self.seq[len(self.seq) - self.n + 1:]))
+            if banned:
+                scores = scores.index_fill(0, torch.tensor(sorted(banned), device=scores.device), float("-inf"))
+        return scores
+
+
+def penalize(logits, rows: list[Row]):
+    """``logits`` (B x V) with each row's :class:`RowPenalty` applied (unchanged when no row has one)."""
+    if all(row.penalty is None for row in rows):
+        return logits
+    logits = logits.clone()
+    for i, row in enumerate(rows):
+        if row.penalty is not None:
+            logits[i] = row.penalty(logits[i], row.tokens)
+    return logits
+
+
 class RowSampler:
     """Logits processor for the ``model.generate`` path: picks each row's next token with
-    :func:`sample_rows` (returns 0 there and -inf elsewhere, so the greedy step of ``generate`` takes it)."""
+    :func:`sample_rows` (returns 0 there and -inf elsewhere, so the greedy step of ``generate`` takes it).
+    ``penalties`` (one :class:`RowPenalty` or None per row) see the tokens after ``prompt_len``."""
 
-    def __init__(self, temperatures: list[float], top_ps: list[float], seeds: list[int | None]):
+    def __init__(self, temperatures: list[float], top_ps: list[float], seeds: list[int | None],
+                 penalties: list[RowPenalty | None] | None = None, prompt_len: int = 0):
         self.temperatures, self.top_ps = temperatures, top_ps
         self.generators = [make_generator(seed) for seed in seeds]
+        self.penalties, self.prompt_len = penalties or [], prompt_len
 
     def __call__(self, input_ids, scores):
         import torch
 
+        if any(p is not None for p in self.penalties):
+            scores = scores.float().clone()
+            for r, penalty in enumerate(self.penalties):
+                if penalty is not None:
+                    scores[r] = penalty(scores[r], input_ids[r, self.prompt_len:].tolist())
         choice = sample_rows(scores, self.temperatures, self.top_ps, self.generators)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, choice.unsqueeze(1), 0.0)
@@ -127,10 +190,13 @@ class Row:
     generator: object = None
     tokens: list[int] = field(default_factory=list)
     stop_hit: bool = False
+    penalty: RowPenalty | None = None        # from the request's params (repetition_penalty, no_repeat_ngram_size)
 
     def __post_init__(self):
         if self.generator is None:
             self.generator = make_generator(self.request.params.seed)
+        if self.penalty is None:
+            self.penalty = RowPenalty.of(self.request.params, self.ids)
 
     def step(self, token: int) -> bool:
         """Append ``token``; True when the row is finished (``stop_hit``: an end of turn, else its budget)."""
@@ -141,160 +207,7 @@ class Row:
                                      bool(self.criterion(torch.tensor([self.tokens[-64:]]), None)[0])):
             self.stop_hit = True
             return True
+        loop = self.request.params.loop_stop     # a degenerate loop ends the row like its budget would:
+        if loop is not None and loop.in_tokens(self.tokens):   # the engine labels it "loop" from the text
+            return True
         return len(self.tokens) >= self.budget
-
-
-class ContinuousBatcher:
-    """Continuous batching over a model whose KV cache is a ``DynamicCache`` of plain ``DynamicLayer``s.
-
-    ``run(inbox)`` loops until it reads ``None`` from ``inbox`` (a ``queue.SimpleQueue`` of :class:`Row`),
-    calling ``finish(row)`` for every finished row."""
-
-    def __init__(self, model, *, batch_size: int, pad_id: int, max_wait: float, admit_min: int | None = None):
-        self.model, self.batch_size, self.pad_id, self.max_wait = model, batch_size, pad_id, max_wait
-        self.admit_min = admit_min or max(1, batch_size // 4)
-        self.steps = self.prefills = self.row_steps = 0
-
-    @staticmethod
-    def supported(model) -> bool:
-        """True when a one-token forward builds a cache of plain DynamicLayers (no sliding windows)."""
-        import torch
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        cache = DynamicCache(config=model.config)
-        with torch.inference_mode():
-            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=model.device), cache=cache,
-                  use_cache=True)
-        layers = getattr(cache, "layers", None)
-        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-    def run(self, inbox: queue.SimpleQueue, finish: Callable[[Row], None]) -> None:
-        import torch
-
-        with torch.inference_mode():
-            self._loop(inbox, finish)
-
-    def _loop(self, inbox, finish) -> None:
-        import torch
-
-        rows: list[Row] = []
-        waiting: list[Row] = []
-        cache = mask = logits = None
-        first_wait = None
-        closing = False
-        while True:
-            # 1. collect requests: block only when idle
-            while not closing and (not rows and not waiting):
-                item = inbox.get()
-                if item is None:
-                    closing = True
-                else:
-                    waiting.append(item)
-            while not closing:
-                try:
-                    item = inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    closing = True
-                else:
-                    waiting.append(item)
-            if waiting and first_wait is None:
-                first_wait = time.monotonic()              # when the oldest waiting request arrived (about)
-            if closing and not rows and not waiting:
-                return
-            free = self.batch_size - len(rows)
-            if waiting and free > 0:
-                due = (first_wait is not None and time.monotonic() - first_wait >= self.max_wait) or closing
-                if not rows and not due and len(waiting) < self.batch_size:
-                    time.sleep(min(0.002, self.max_wait))      # idle: let a first batch fill up
-                    continue
-                if not rows or due or len(waiting) >= min(free, self.admit_min):
-                    new, waiting = waiting[:free], waiting[free:]
-                    first_wait = time.monotonic() if waiting else None
-                    cache, mask, logits = self._admit(new, rows, cache, mask, logits)
-                    rows = rows + new
-            if not rows:
-                continue
-            # 2. one token for every row; finished rows leave the batch
-            tokens = sample_rows(logits, [r.request.params.temperature for r in rows],
-                                 [r.request.params.top_p for r in rows], [r.generator for r in rows])
-            token_list = tokens.tolist()
-            keep = []
-            for i, (row, token) in enumerate(zip(rows, token_list, strict=True)):
-                if row.step(token):
-                    finish(row)
-                else:
-                    keep.append(i)
-            self.row_steps += len(rows)
-            self.steps += 1
-            if len(keep) < len(rows):
-                rows = [rows[i] for i in keep]
-                if not rows:
-                    cache = mask = logits = None
-                    continue
-                index = torch.tensor(keep, device=mask.device)
-                cache.batch_select_indices(index)
-                mask, tokens = mask[index], tokens[index]
-                cache, mask = self._trim(cache, mask)
-            # 3. forward the new tokens
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            positions = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
-            out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
-                             cache=cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[:, -1].float()
-
-    def _admit(self, new: list[Row], rows: list[Row], cache, mask, logits):
-        """Prefill ``new`` (left-padded) and merge it into the running batch."""
-        import torch
-        from transformers import DynamicCache
-
-        device = self.model.device
-        length = max(len(r.ids) for r in new)
-        ids = torch.full((len(new), length), self.pad_id, dtype=torch.long)
-        new_mask = torch.zeros((len(new), length), dtype=torch.long)
-        for i, r in enumerate(new):
-            ids[i, length - len(r.ids):] = torch.tensor(r.ids)
-            new_mask[i, length - len(r.ids):] = 1
-        ids, new_mask = ids.to(device), new_mask.to(device)
-        positions = (new_mask.cumsum(dim=1) - 1).clamp(min=0)
-        new_cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=new_mask, position_ids=positions, cache=new_cache,
-                         use_cache=True, logits_to_keep=1)
-        new_logits = out.logits[:, -1].float()
-        self.prefills += 1
-        if not rows:
-            return new_cache, new_mask, new_logits
-        total = max(mask.shape[1], length)
-        for old_layer, new_layer in zip(cache.layers, new_cache.layers, strict=True):
-            old_layer.keys = torch.cat([_left_pad(old_layer.keys, total), _left_pad(new_layer.keys, total)])
-            old_layer.values = torch.cat([_left_pad(old_layer.values, total), _left_pad(new_layer.values, total)])
-        mask = torch.cat([_left_pad(mask, total, dim=1), _left_pad(new_mask, total, dim=1)])
-        return cache, mask, torch.cat([logits, new_logits])
-
-    @staticmethod
-    def _trim(cache, mask):
-        """Drop leading cache columns that are padding for every remaining row."""
-        import torch
-
-        used = torch.nonzero(mask.any(dim=0))
-        start = int(used[0]) if used.numel() else 0
-        if start > 0:
-            for layer in cache.layers:
-                layer.keys = layer.keys[..., start:, :]
-                layer.values = layer.values[..., start:, :]
-            mask = mask[:, start:]
-        return cache, mask
-
-
-def _left_pad(tensor, total: int, dim: int = -2):
-    """Zero-pad ``tensor`` on the left of ``dim`` up to ``total`` positions."""
-    import torch
-
-    missing = total - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

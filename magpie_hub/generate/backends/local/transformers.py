@@ -4,8 +4,10 @@ Every ``generate()`` call is queued for one decode thread. Requests with differe
 stop strings and token budgets share a batch:
 
 * continuous batching (default, models whose KV cache is a plain ``DynamicCache``): a decode loop
-  (:class:`~magpie_hub.generate.backends.local.batching.ContinuousBatcher`) lets finished rows leave at once and prefills
-  queued requests into the free slots, so the batch stays full;
+  (:class:`~magpie_hub.generate.backends.local.continuous.ContinuousBatcher`) over a preallocated KV cache
+  lets finished rows leave at once and prefills queued requests into the free slots, so the batch stays
+  full; a prompt prefix that requests share (the pre-query, a system prompt) is prefilled once and copied
+  into each row (``prefix_cache``);
 * otherwise (sliding-window caches, or ``continuous=False``): FIFO groups of up to ``batch_size`` (waiting
   at most ``max_wait_ms`` to fill) run through ``model.generate`` with
   :class:`~magpie_hub.generate.backends.local.batching.RowSampler` and
@@ -16,7 +18,9 @@ the request's seed, so a row's text does not depend on the batch it lands in (sa
 rows); each row stops at the chat format's end-of-turn ids, its request's stop strings (single special
 tokens by id, other strings with transformers' ``StopStringCriteria``) or its own ``max_new_tokens``.
 Prompts are tokenized with ``add_special_tokens=False`` when they already carry the BOS text (never a
-doubled BOS). CPU: fp32; GPU: bf16 and a ``device_map`` (one GPU per data-parallel rank).
+doubled BOS). dtype ``auto`` and the thread policy: :mod:`.device` (bf16 on GPUs and on CPUs with bf16
+matrix instructions; the choice and its reason are in :meth:`TransformersBackend.info`); a GPU gets a
+``device_map`` (one GPU per data-parallel rank).
 """
 
 from __future__ import annotations
@@ -41,11 +45,11 @@ from magpie_hub.generate.backends.base import (
     GenerationResult,
     cut_at_stop,
 )
-from magpie_hub.generate.backends.local.batching import ContinuousBatcher, Row, RowSampler, RowStopper
+from magpie_hub.generate.backends.local.batching import Row, RowPenalty, RowSampler, RowStopper
+from magpie_hub.generate.backends.local.continuous import ContinuousBatcher, cache_shapes
+from magpie_hub.generate.backends.local.device import pick_dtype, pick_threads
 
 log = logging.getLogger(__name__)
-_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-           "float32": "float32", "fp32": "float32"}
 
 
 class TransformersOptions(BackendOptions):
@@ -56,6 +60,7 @@ class TransformersOptions(BackendOptions):
     num_threads: int | None = Field(None, ge=0)
     trust_remote_code: bool = False
     continuous: bool = True               # continuous batching when the model's cache allows it
+    prefix_cache: bool = True             # prefill a shared prompt prefix once (continuous batching)
 
 
 @dataclass
@@ -81,6 +86,8 @@ class TransformersBackend(Backend):
         self.trust_remote_code = opts.trust_remote_code
         self.chat_format = chat_format
         self.continuous = opts.continuous
+        self.prefix_cache = opts.prefix_cache
+        self.choices: dict[str, str] = {}     # why this dtype / thread count (info, manifest)
         self.model = self.tokenizer = None
         self._batcher: ContinuousBatcher | None = None
         self._inbox = self._serving = None
@@ -146,14 +153,10 @@ class TransformersBackend(Backend):
     def _threads(self) -> None:
         import torch
 
-        if self.num_threads:
-            torch.set_num_threads(int(self.num_threads))
-        elif not os.environ.get("OMP_NUM_THREADS"):
-            # this process's share of the cores, minus one for the event loop, tokenizer and writer: an
-            # oversubscribed OpenMP pool spins and was 10-30x slower than one thread on a busy 2-core box
-            ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            torch.set_num_threads(max(1, cores // max(1, ranks) - 1))
+        threads, why = pick_threads(self.num_threads)
+        if threads:
+            torch.set_num_threads(threads)
+        self.choices["threads"] = f"{torch.get_num_threads()} ({why})"
 
     def _load(self) -> None:
         import torch
@@ -168,8 +171,9 @@ class TransformersBackend(Backend):
         path = resolve_model(self.model_id)
         fmt = self.chat_format or load_chat_format(self.model_id, self.revision)
         cuda = torch.cuda.is_available()
-        name = self.dtype_option if self.dtype_option != "auto" else ("bfloat16" if cuda else "float32")
-        dtype = getattr(torch, _DTYPES[name])
+        name, why = pick_dtype(self.dtype_option, cuda)
+        dtype = getattr(torch, name)
+        self.choices["dtype"] = f"{name} ({why})"
         device_map = self.device_map
         if device_map is None and cuda:
             device_map = {"": int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()}
@@ -196,9 +200,11 @@ class TransformersBackend(Backend):
         self.device = model.device
         self.dtype = str(dtype).removeprefix("torch.")
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
-        if self.continuous and ContinuousBatcher.supported(model):
-            self._batcher = ContinuousBatcher(model, batch_size=self.batch_size, pad_id=tok.pad_token_id,
-                                              max_wait=self.max_wait)
+        shapes = cache_shapes(model) if self.continuous else None
+        if shapes:
+            self._batcher = ContinuousBatcher(model, shapes=shapes, batch_size=self.batch_size,
+                                              pad_id=tok.pad_token_id, max_wait=self.max_wait,
+                                              prefix_cache=self.prefix_cache)
 
     # -- requests --------------------------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -334,7 +340,9 @@ class TransformersBackend(Backend):
         stopper = RowStopper(prompt_len, budgets, self.stop_ids, groups, self.device)
         sampler = RowSampler([float(req.params.temperature) for _, req, _ in rows],
                              [float(req.params.top_p) for _, req, _ in rows],
-                             [req.params.seed for _, req, _ in rows])
+                             [req.params.seed for _, req, _ in rows],
+                             [RowPenalty.of(req.params, ids) for ids, (_, req, _) in zip(encoded, rows, strict=True)],
+                             prompt_len)
         config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max(budgets),
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids or None)
         with torch.inference_mode():
@@ -367,8 +375,7 @@ class TransformersBackend(Backend):
         """Rows served, decode steps and row-steps computed (generated tokens <= row_steps)."""
         if self._batcher is not None:
             b = self._batcher
-            return {"rows": self.batch_rows, "steps": b.steps, "row_steps": b.row_steps, "prefills": b.prefills,
-                    "mean_batch": b.row_steps / max(1, b.steps)}
+            return {"rows": self.batch_rows, **b.stats(), "mean_batch": b.row_steps / max(1, b.steps)}
         return {"rows": self.batch_rows, "steps": self.batches, "row_steps": self.padded_steps,
                 "prefills": self.batches, "mean_batch": self.batch_rows / max(1, self.batches)}
 
@@ -376,9 +383,10 @@ class TransformersBackend(Backend):
         revision = self.revision
         if revision is None and self.model is not None:
             revision = getattr(self.model.config, "_commit_hash", None)
-        extra = {"batch_size": self.batch_size, "continuous_batching": self._batcher is not None}
+        extra = {"batch_size": self.batch_size, "continuous_batching": self._batcher is not None,
+                 "prefix_cache": self._batcher is not None and self._batcher.prefixes is not None}
         if self.model is not None:
-            extra.update(dtype=self.dtype, device=str(self.device))
+            extra.update(dtype=self.dtype, device=str(self.device), choices=dict(self.choices))
         return BackendInfo(name=self.name, model_id=self.model_id, model_revision=revision,
                            max_concurrency=self.batch_size, extra=extra)
 

@@ -1,0 +1,61 @@
+"""Dtype and thread choices of the local backend, each with the reason recorded in its info (manifest).
+
+* dtype ``auto``: bfloat16 on a GPU that supports it and on a CPU with bf16 matrix instructions (AMX-BF16
+  or AVX512-BF16: SmolLM2-135M decodes ~1.7x faster than in float32 there, see ``scripts/bench_local.py``),
+  float32 otherwise (float16 only when asked for: it can overflow).
+* threads: ``num_threads`` when set, else ``OMP_NUM_THREADS`` when set, else this process's share of the
+  cores (data-parallel ranks split them) minus one for the event loop, tokenizer and writer when that
+  leaves at least two: an OpenMP pool as wide as the box spins at every barrier as soon as anything else
+  runs, so on a shared 2-core machine one thread is the safe choice (measured in ``scripts/bench_local.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+          "float32": "float32", "fp32": "float32"}
+
+
+def cpu_bf16() -> str | None:
+    """The CPU's bf16 matrix instructions ("AMX-BF16", "AVX512-BF16") as torch sees them, or None."""
+    import torch
+
+    checks = (("_is_amx_tile_supported", "AMX-BF16"), ("_is_avx512_bf16_supported", "AVX512-BF16"))
+    for name, label in checks:
+        check = getattr(torch.cpu, name, None)
+        try:
+            if check is not None and check():
+                return label
+        except RuntimeError:
+            continue
+    return None
+
+
+def pick_dtype(option: str, cuda: bool) -> tuple[str, str]:
+    """(dtype name, why) for the ``dtype`` option ("auto" or a name)."""
+    if option != "auto":
+        return DTYPES[option], "set in backend_options.dtype"
+    if cuda:
+        import torch
+
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: the GPU supports bfloat16"
+        return "float32", "auto: the GPU has no bfloat16 (float16 only when set: it can overflow)"
+    isa = cpu_bf16()
+    if isa is not None:
+        return "bfloat16", f"auto: the CPU has {isa}"
+    return "float32", "auto: the CPU has no bfloat16 matrix instructions"
+
+
+def pick_threads(option: int | None) -> tuple[int | None, str]:
+    """(torch threads to set or None to leave torch's default, why)."""
+    if option:
+        return int(option), "set in backend_options.num_threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None, "OMP_NUM_THREADS"
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, ranks))
+    threads = share - 1 if share > 2 else 1
+    return threads, f"auto: {share} core(s) for this process"
