@@ -36,7 +36,12 @@ def sample_rows(scores, temperatures: list[float], top_ps: list[float], generato
     import torch
 
     scores = scores.float()
-    choice = scores.argmax(dim=-1)
+    greedy = [r for r, t in enumerate(temperatures) if t <= 0.0]
+    if len(greedy) == scores.shape[0]:
+        return scores.argmax(dim=-1)
+    choice = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    if greedy:                                  # (an argmax over the whole vocabulary costs: greedy rows only)
+        choice[greedy] = scores[greedy].argmax(dim=-1)
     plain = [r for r, (t, p) in enumerate(zip(temperatures, top_ps, strict=True)) if t > 0.0 and p >= 1.0]
     nucleus = [r for r, (t, p) in enumerate(zip(temperatures, top_ps, strict=True)) if t > 0.0 and p < 1.0]
     for rows, is_nucleus in ((plain, False), (nucleus, True)):
@@ -44,8 +49,10 @@ def sample_rows(scores, temperatures: list[float], top_ps: list[float], generato
             continue
         u = torch.stack([torch.rand((), generator=generators[r], dtype=torch.float64) for r in rows])
         idx = torch.tensor(rows, device=scores.device)
-        temps = torch.tensor([temperatures[r] for r in rows], device=scores.device).unsqueeze(1)
-        probs = torch.softmax(scores[idx] / temps, dim=-1).double()
+        picked = scores if len(rows) == scores.shape[0] else scores[idx]       # (no copy when all rows sample)
+        if any(temperatures[r] != 1.0 for r in rows):                         # x / 1.0 == x: skip it
+            picked = picked / torch.tensor([temperatures[r] for r in rows], device=scores.device).unsqueeze(1)
+        probs = torch.softmax(picked, dim=-1).double()
         if is_nucleus:
             top_p = torch.tensor([top_ps[r] for r in rows], dtype=torch.float64, device=scores.device)
             probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)

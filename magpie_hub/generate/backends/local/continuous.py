@@ -198,8 +198,8 @@ class ContinuousBatcher:
         return new, torch.stack(logits)
 
     def _prefill_prefix(self, ids: tuple[int, ...]) -> Prefix:
-        """Prefill a shared prefix alone, through the same masked forward as any prompt (so that reusing it
-        gives the very same numbers as prefilling it in every row)."""
+        """Prefill a shared prefix alone, through the same masked forward as any prompt: its keys/values
+        differ from those of a batched prefill only by the rounding of differently shaped matmuls."""
         import torch
 
         cache = SlotCache(self.shapes, slots=1, dtype=self.model.dtype, device=self.model.device,

@@ -1,12 +1,15 @@
 """Dtype and thread choices of the local backend, each with the reason recorded in its info (manifest).
 
 * dtype ``auto``: bfloat16 on a GPU that supports it and on a CPU with bf16 matrix instructions (AMX-BF16
-  or AVX512-BF16: SmolLM2-135M decodes ~1.7x faster than in float32 there, see ``scripts/bench_local.py``),
-  float32 otherwise (float16 only when asked for: it can overflow).
+  or AVX512-BF16: SmolLM2-135M generates 1.3-1.5x more tokens/s than in float32 there, B=32, one thread,
+  ``scripts/bench_local.py --breakdown``), float32 otherwise (float16 only when asked for: it can
+  overflow). bf16 kernels round differently for different batch shapes, so a row is reproducible across
+  batch compositions only up to that rounding (as on GPUs); ``dtype: float32`` keeps rows bit-stable.
 * threads: ``num_threads`` when set, else ``OMP_NUM_THREADS`` when set, else this process's share of the
   cores (data-parallel ranks split them) minus one for the event loop, tokenizer and writer when that
   leaves at least two: an OpenMP pool as wide as the box spins at every barrier as soon as anything else
-  runs, so on a shared 2-core machine one thread is the safe choice (measured in ``scripts/bench_local.py``).
+  runs. On SmolLM2-135M, 2 cores shared with other work (load ~2), 2 threads gave 0.90-1.08x the tokens/s
+  of 1 thread (``scripts/bench_local.py --threads 1,2``), so one thread it is on 2 cores.
 """
 
 from __future__ import annotations
