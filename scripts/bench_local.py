@@ -47,7 +47,6 @@ import magpie_hub.gguf_models as gguf_models  # noqa: E402 - registers smollm2 a
 from magpie_hub.chat.format import load_chat_format  # noqa: E402
 from magpie_hub.generate.backends.base import GenerationRequest, SamplingParams  # noqa: E402
 from magpie_hub.generate.backends.http.openai import OpenAICompletionsBackend  # noqa: E402
-from magpie_hub.generate.backends.local.device import pick_threads  # noqa: E402
 from magpie_hub.generate.backends.local.transformers import TransformersBackend  # noqa: E402
 from magpie_hub.generate.engine import (  # noqa: E402
     CleanupOptions,
@@ -67,7 +66,7 @@ def ratio(a: float, b: float) -> str:
 
 
 # -- 1. local backend vs raw generate ------------------------------------------------------------------------
-async def backend_run(model: str, args, *, threads: int, **options) -> dict:
+async def backend_run(model: str, args, *, threads: int | None, **options) -> dict:
     backend = TransformersBackend(model, batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
                                   num_threads=threads, **options)
     async with backend:
@@ -80,7 +79,8 @@ async def backend_run(model: str, args, *, threads: int, **options) -> dict:
         wall = time.perf_counter() - started
     tokens = sum(r.generated_tokens for r in results)
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "dtype": backend.info().extra["dtype"],
-            "sample": results[0].text, "stats": backend.stats()}
+            "sample": results[0].text, "stats": backend.stats(), "threads": torch.get_num_threads(),
+            "choices": backend.info().extra["choices"]}
 
 
 def generate_run(model: str, args, *, threads: int, dtype: str) -> dict:
@@ -230,14 +230,14 @@ def main() -> None:
     if args.rss_child is not None:
         rss_child(model, args.rss_child, args)
         return
-    policy_threads = pick_threads(None)[0] or torch.get_num_threads()
+    load_before = load()
+    warm = asyncio.run(backend_run(model, argparse.Namespace(**{**vars(args), "rows": 4}), threads=None))
+    policy_threads = warm["threads"]                 # the backend's own policy for this model and machine
     thread_counts = [int(t) for t in args.threads.split(",") if t] or [policy_threads]
     main_threads = policy_threads if policy_threads in thread_counts else thread_counts[0]
-    load_before = load()
     print(f"model {model}, {args.rows} instruction rows, max_new_tokens {args.max_new_tokens}, batch "
-          f"{args.batch_size}, policy threads {policy_threads}, cores {os.cpu_count()}, load {load_before}",
+          f"{args.batch_size}, cores {os.cpu_count()}, load {load_before}; backend choices: {warm['choices']}",
           flush=True)
-    asyncio.run(backend_run(model, argparse.Namespace(**{**vars(args), "rows": 4}), threads=main_threads))  # warm-up
 
     runs: dict[str, dict] = {}
 

@@ -262,6 +262,20 @@ def test_shared_prefix_reuse_gives_the_same_tokens(tiny_llama3):
     assert stats["prefilled_tokens"] < stats["prompt_tokens"] / 2       # most prompt tokens were not recomputed
 
 
+def test_thread_policy(monkeypatch):
+    for var in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert device.pick_threads(None, 135_000_000)[0] == 2          # a real model uses both cores
+    assert device.pick_threads(None, 600_000)[0] == 1              # the tiny models: one thread
+    assert device.pick_threads(3, 600_000) == (3, "set in backend_options.num_threads")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert device.pick_threads(None, 135_000_000)[0] == 1          # two ranks share the two cores
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert device.pick_threads(None, 135_000_000)[0] == 7          # one core left for the event loop
+
+
 def test_dtype_choice_is_recorded(tiny_qwen, monkeypatch):
     monkeypatch.setattr(device, "cpu_bf16", lambda: "AMX-BF16")
     assert pick_dtype("auto", False) == ("bfloat16", "auto: the CPU has AMX-BF16")

@@ -6,16 +6,19 @@
   overflow). bf16 kernels round differently for different batch shapes, so a row is reproducible across
   batch compositions only up to that rounding (as on GPUs); ``dtype: float32`` keeps rows bit-stable.
 * threads: ``num_threads`` when set, else ``OMP_NUM_THREADS`` when set, else this process's share of the
-  cores (data-parallel ranks split them) minus one for the event loop, tokenizer and writer when that
-  leaves at least two: an OpenMP pool as wide as the box spins at every barrier as soon as anything else
-  runs. On SmolLM2-135M, 2 cores shared with other work (load ~2), 2 threads gave 0.90-1.08x the tokens/s
-  of 1 thread (``scripts/bench_local.py --threads 1,2``), so one thread it is on 2 cores.
+  cores (data-parallel ranks split them): minus one for the event loop, tokenizer and writer when that
+  leaves at least two; on 1-2 cores, all of them for a model of at least ``BIG_MODEL`` parameters and one
+  thread for smaller ones. Measured (``scripts/bench_local.py --threads 1,2``, 2 cores shared with other
+  sessions): SmolLM2-135M gets 1.19x the tokens/s of 1 thread with 2 threads at load ~1.5, 1.05-1.08x at
+  load ~1.9 and 0.90x at load ~2.6; the 600k-parameter test models were 10-30x slower with 2 threads on a
+  busy box (their ops are too small to pay for an OpenMP barrier).
 """
 
 from __future__ import annotations
 
 import os
 
+BIG_MODEL = 50_000_000
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
           "float32": "float32", "fp32": "float32"}
 
@@ -51,8 +54,8 @@ def pick_dtype(option: str, cuda: bool) -> tuple[str, str]:
     return "float32", "auto: the CPU has no bfloat16 matrix instructions"
 
 
-def pick_threads(option: int | None) -> tuple[int | None, str]:
-    """(torch threads to set or None to leave torch's default, why)."""
+def pick_threads(option: int | None, parameters: int = 0) -> tuple[int | None, str]:
+    """(torch threads to set or None to leave torch's default, why) for a model of ``parameters``."""
     if option:
         return int(option), "set in backend_options.num_threads"
     if os.environ.get("OMP_NUM_THREADS"):
@@ -60,5 +63,8 @@ def pick_threads(option: int | None) -> tuple[int | None, str]:
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = max(1, cores // max(1, ranks))
-    threads = share - 1 if share > 2 else 1
-    return threads, f"auto: {share} core(s) for this process"
+    if share > 2:
+        return share - 1, f"auto: {share} cores for this process, one left for the event loop"
+    if parameters >= BIG_MODEL:
+        return share, f"auto: {share} core(s) for this process, a model of {parameters / 1e6:.0f}M parameters"
+    return 1, f"auto: {share} core(s) for this process, a small model"

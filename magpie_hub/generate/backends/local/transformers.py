@@ -150,10 +150,10 @@ class TransformersBackend(Backend):
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    def _threads(self) -> None:
+    def _threads(self, parameters: int) -> None:
         import torch
 
-        threads, why = pick_threads(self.num_threads)
+        threads, why = pick_threads(self.num_threads, parameters)
         if threads:
             torch.set_num_threads(threads)
         self.choices["threads"] = f"{torch.get_num_threads()} ({why})"
@@ -167,7 +167,6 @@ class TransformersBackend(Backend):
         from magpie_hub.chat.format import load_chat_format
         from magpie_hub.models import resolve_model
 
-        self._threads()
         path = resolve_model(self.model_id)
         fmt = self.chat_format or load_chat_format(self.model_id, self.revision)
         cuda = torch.cuda.is_available()
@@ -186,6 +185,7 @@ class TransformersBackend(Backend):
             raise ModelError(f"cannot load model {self.model_id} ({first}): download it first "
                              "(`hf download MODEL`) or pass a local model folder") from None
         model.eval()
+        self._threads(sum(p.numel() for p in model.parameters()))
         tok = fmt.tokenizer
         tok.padding_side = "left"
         stop_ids = [int(i) for i in fmt.stop_token_ids if i is not None]
