@@ -266,14 +266,14 @@ def test_thread_policy(monkeypatch):
     for var in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert device.pick_threads(None, 135_000_000)[0] == 2          # a real model uses both cores
-    assert device.pick_threads(None, 600_000)[0] == 1              # the tiny models: one thread
-    assert device.pick_threads(3, 600_000) == (3, "set in backend_options.num_threads")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert device.pick_threads(None, 135_000_000)[0] == 1          # two ranks share the two cores
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert device.pick_threads(None)[0] == 1                       # 2 cores: one thread (see device.py)
+    assert device.pick_threads(3) == (3, "set in backend_options.num_threads")
     monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert device.pick_threads(None, 135_000_000)[0] == 7          # one core left for the event loop
+    assert device.pick_threads(None)[0] == 7                       # one core left for the event loop
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert device.pick_threads(None)[0] == 3                       # two ranks share the eight cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert device.pick_threads(None) == (None, "OMP_NUM_THREADS")
 
 
 def test_dtype_choice_is_recorded(tiny_qwen, monkeypatch):

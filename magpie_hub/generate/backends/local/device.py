@@ -1,24 +1,24 @@
 """Dtype and thread choices of the local backend, each with the reason recorded in its info (manifest).
 
 * dtype ``auto``: bfloat16 on a GPU that supports it and on a CPU with bf16 matrix instructions (AMX-BF16
-  or AVX512-BF16: SmolLM2-135M generates 1.3-1.5x more tokens/s than in float32 there, B=32, one thread,
+  or AVX512-BF16: SmolLM2-135M generates 1.3-1.65x more tokens/s than in float32 there, B=32, one thread,
   ``scripts/bench_local.py --breakdown``), float32 otherwise (float16 only when asked for: it can
   overflow). bf16 kernels round differently for different batch shapes, so a row is reproducible across
   batch compositions only up to that rounding (as on GPUs); ``dtype: float32`` keeps rows bit-stable.
 * threads: ``num_threads`` when set, else ``OMP_NUM_THREADS`` when set, else this process's share of the
-  cores (data-parallel ranks split them): minus one for the event loop, tokenizer and writer when that
-  leaves at least two; on 1-2 cores, all of them for a model of at least ``BIG_MODEL`` parameters and one
-  thread for smaller ones. Measured (``scripts/bench_local.py --threads 1,2``, 2 cores shared with other
-  sessions): SmolLM2-135M gets 1.19x the tokens/s of 1 thread with 2 threads at load ~1.5, 1.05-1.08x at
-  load ~1.9 and 0.90x at load ~2.6; the 600k-parameter test models were 10-30x slower with 2 threads on a
-  busy box (their ops are too small to pay for an OpenMP barrier).
+  cores (data-parallel ranks split them) minus one for the event loop, tokenizer and writer when that
+  leaves at least two, else one thread. Measured on SmolLM2-135M (``scripts/bench_local.py --threads 1,2``,
+  2 cores shared with other sessions): 2 threads gave 1.08-1.19x the tokens/s of 1 thread while the box
+  was calm (load 0.5-1.7) and 0.90x at load ~2.6, and raw ``generate`` with 2 threads collapsed to 14
+  tok/s (10x slower) while a test suite ran beside it: an OpenMP pool as wide as the box spins at every
+  barrier once anything else runs (the 600k-parameter test models were 10-30x slower). One thread on
+  1-2 cores is the safe default; ``num_threads: 2`` is for a dedicated 2-core machine.
 """
 
 from __future__ import annotations
 
 import os
 
-BIG_MODEL = 50_000_000
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
           "float32": "float32", "fp32": "float32"}
 
@@ -54,8 +54,8 @@ def pick_dtype(option: str, cuda: bool) -> tuple[str, str]:
     return "float32", "auto: the CPU has no bfloat16 matrix instructions"
 
 
-def pick_threads(option: int | None, parameters: int = 0) -> tuple[int | None, str]:
-    """(torch threads to set or None to leave torch's default, why) for a model of ``parameters``."""
+def pick_threads(option: int | None) -> tuple[int | None, str]:
+    """(torch threads to set or None to leave torch's default, why)."""
     if option:
         return int(option), "set in backend_options.num_threads"
     if os.environ.get("OMP_NUM_THREADS"):
@@ -65,6 +65,4 @@ def pick_threads(option: int | None, parameters: int = 0) -> tuple[int | None, s
     share = max(1, cores // max(1, ranks))
     if share > 2:
         return share - 1, f"auto: {share} cores for this process, one left for the event loop"
-    if parameters >= BIG_MODEL:
-        return share, f"auto: {share} core(s) for this process, a model of {parameters / 1e6:.0f}M parameters"
-    return 1, f"auto: {share} core(s) for this process, a small model"
+    return 1, f"auto: {share} core(s) for this process (a wider OpenMP pool stalls when anything else runs)"

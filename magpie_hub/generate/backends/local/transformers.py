@@ -150,10 +150,10 @@ class TransformersBackend(Backend):
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    def _threads(self, parameters: int) -> None:
+    def _threads(self) -> None:
         import torch
 
-        threads, why = pick_threads(self.num_threads, parameters)
+        threads, why = pick_threads(self.num_threads)
         if threads:
             torch.set_num_threads(threads)
         self.choices["threads"] = f"{torch.get_num_threads()} ({why})"
@@ -185,7 +185,7 @@ class TransformersBackend(Backend):
             raise ModelError(f"cannot load model {self.model_id} ({first}): download it first "
                              "(`hf download MODEL`) or pass a local model folder") from None
         model.eval()
-        self._threads(sum(p.numel() for p in model.parameters()))
+        self._threads()
         tok = fmt.tokenizer
         tok.padding_side = "left"
         stop_ids = [int(i) for i in fmt.stop_token_ids if i is not None]
