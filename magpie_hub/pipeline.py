@@ -28,7 +28,7 @@ from magpie_hub.filters.presets import recipe_filter_spec
 from magpie_hub.hub.publish import PublishResult
 from magpie_hub.hub.publish import publish as publish_dir
 from magpie_hub.layout import MANIFEST, STATS
-from magpie_hub.recipe.schema import load_recipe
+from magpie_hub.recipe.load import load_recipe
 from magpie_hub.tags.runner import StepSpec, tag_dataset
 
 

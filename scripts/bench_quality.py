@@ -60,7 +60,7 @@ from magpie_hub.card.diversity import (  # noqa: E402
 )
 from magpie_hub.generate.backends import GenerationRequest, SamplingParams, get_backend  # noqa: E402
 from magpie_hub.generate.engine import request_seed  # noqa: E402
-from magpie_hub.recipe.schema import BUILTIN_CATEGORY_PROMPTS  # noqa: E402
+from magpie_hub.recipe.prompts import BUILTIN_CATEGORY_PROMPTS  # noqa: E402
 from magpie_hub.tags.columns import TASK_CATEGORIES  # noqa: E402
 
 ASK = ("Write one question or request that a user might ask an AI assistant. "

@@ -25,7 +25,7 @@ from magpie_hub.generate.backends import (
 from magpie_hub.generate.backends.base import BackendOptions
 from magpie_hub.generate.backends.http.tgi import TGIBackend
 from magpie_hub.layout import MANIFEST
-from magpie_hub.recipe.schema import parse_recipe
+from magpie_hub.recipe.load import parse_recipe
 
 DUMMY_KEYS = "colon_rate, delay_ms, empty_rate, error_rate, max_concurrency, truncate_rate, words"
 TRANSFORMERS = {"model": "tiny:llama3", "backend": "transformers", "configs": {"single_turn": {"rows": 2}},

@@ -26,7 +26,7 @@ from magpie_hub.build.checkpoint import Checkpoint, PieceWriter
 from magpie_hub.dataset.schema import BUILD_FEATURES
 from magpie_hub.dataset.shards import shard_count, write_config_shards
 from magpie_hub.layout import MANIFEST
-from magpie_hub.recipe.schema import load_recipe
+from magpie_hub.recipe.load import load_recipe
 
 RECIPE = {
     "name": "test-build",

@@ -11,7 +11,7 @@ from conftest import ROOT
 
 from magpie_hub import pipeline
 from magpie_hub.layout import MANIFEST
-from magpie_hub.recipe.schema import load_recipe
+from magpie_hub.recipe.load import load_recipe
 
 
 def test_demo_recipe_subset_on_tiny_llama3(tmp_path):

@@ -40,7 +40,7 @@ from magpie_hub.generate.backends.http.tgi import TGIBackend
 from magpie_hub.generate.backends.local.batching import Row, RowPenalty, RowSampler, penalize
 from magpie_hub.generate.engine import CleanupOptions, ConversationSpec
 from magpie_hub.layout import MANIFEST
-from magpie_hub.recipe.schema import parse_recipe
+from magpie_hub.recipe.load import parse_recipe
 
 LOOP = LoopStop()
 

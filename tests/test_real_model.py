@@ -25,7 +25,7 @@ from magpie_hub.errors import ModelError
 from magpie_hub.gguf_models import EMBEDDED, convert_gguf, embedded_gguf
 from magpie_hub.layout import MANIFEST
 from magpie_hub.models import resolve_model
-from magpie_hub.recipe.schema import load_recipe
+from magpie_hub.recipe.load import load_recipe
 
 pytestmark = pytest.mark.slow
 

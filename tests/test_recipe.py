@@ -11,13 +11,9 @@ from conftest import ROOT, run_cli
 
 from magpie_hub.cli import main
 from magpie_hub.errors import RecipeError
-from magpie_hub.recipe.schema import (
-    BUILTIN_CATEGORY_PROMPTS,
-    MULTI_TURN_SYSTEM_PROMPT,
-    exact_counts,
-    load_recipe,
-    parse_recipe,
-)
+from magpie_hub.recipe.load import load_recipe, parse_recipe
+from magpie_hub.recipe.plan import exact_counts
+from magpie_hub.recipe.prompts import BUILTIN_CATEGORY_PROMPTS, MULTI_TURN_SYSTEM_PROMPT
 
 BUILDERS = sorted((ROOT / "builders").glob("*.yaml"))
 BASE = {"model": "tiny:llama3", "backend": "dummy", "configs": {"single_turn": {"rows": 4}}}

@@ -20,7 +20,7 @@ from magpie_hub.errors import (
 from magpie_hub.generate.backends.http.openai import OpenAICompletionsBackend
 from magpie_hub.generate.backends.http.tgi import TGIBackend
 from magpie_hub.hub.client import HubUnavailableError, call
-from magpie_hub.recipe.schema import parse_recipe
+from magpie_hub.recipe.load import parse_recipe
 
 HF = "hf_" + "AbCdEfGh12345678"
 SK = "sk-" + "live-9f8e7d6c5b4a"

@@ -23,7 +23,7 @@ from magpie_hub import pipeline
 from magpie_hub.dataset.schema import BUILD_FEATURES
 from magpie_hub.errors import RecipeError
 from magpie_hub.layout import shard_paths
-from magpie_hub.recipe.schema import load_recipe
+from magpie_hub.recipe.load import load_recipe
 
 CITATION = """@article{xu2024magpie,
   title={Magpie: Alignment Data Synthesis from Scratch by Prompting Aligned LLMs with Nothing},

@@ -23,7 +23,8 @@ from typing import Any
 
 from magpie_hub.dataset.directory import update_manifest
 from magpie_hub.errors import redact_mapping
-from magpie_hub.recipe.schema import Recipe, exact_counts
+from magpie_hub.recipe.plan import exact_counts
+from magpie_hub.recipe.schema import Recipe
 
 LIBRARIES = ("magpie-hub", "torch", "transformers", "tokenizers", "datasets", "huggingface_hub", "accelerate",
              "pyarrow", "pydantic")

@@ -53,7 +53,8 @@ from magpie_hub.generate.engine import (
 )
 from magpie_hub.layout import MANIFEST, WORK_DIR, shard_paths
 from magpie_hub.models import resolve_model
-from magpie_hub.recipe.schema import ConfigPlan, Recipe
+from magpie_hub.recipe.plan import ConfigPlan
+from magpie_hub.recipe.schema import Recipe
 
 
 class BuildIncompleteError(MagpieError):

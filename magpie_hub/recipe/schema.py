@@ -5,10 +5,9 @@ sampling of instructions (a list of ``{temperature, top_p, share}`` mixes, as th
 and responses (greedy by default), the clean-up rules and the configs to build. Each config is
 single-/multi-turn and optionally steered by one category system prompt or a weighted mix of categories.
 
-Everything a row's content depends on is decided here, per row index and deterministically:
-:meth:`Recipe.plan` gives each index its uuid, sampling mix and category. Mix shares and category weights
-are normalised (no exact-sum trap) and turned into exact counts (largest remainder), spread over the
-indices by a seeded shuffle, so a config of N rows holds each mix ``round(N * share)`` times.
+Everything a row's content depends on is decided from the recipe, per row index and deterministically:
+:meth:`Recipe.plan` (``recipe/plan.py``) gives each index its uuid, sampling mix and category;
+``recipe/load.py`` reads the YAML and turns every validation error into one line.
 """
 
 from __future__ import annotations
@@ -16,47 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import re
-import uuid as uuid_lib
-from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import cached_property
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from magpie_hub.errors import RecipeError
-from magpie_hub.generate.backends import BACKENDS, backend_class, option_keys, parse_backend_options
+from magpie_hub.generate.backends import backend_class, parse_backend_options
+from magpie_hub.recipe.plan import ConfigPlan
+from magpie_hub.recipe.prompts import BUILTIN_CATEGORY_PROMPTS, MULTI_TURN_SYSTEM_PROMPT
 
-# Official MAGPIE strings (magpie-align/magpie; typos are theirs, kept verbatim).
-MULTI_TURN_SYSTEM_PROMPT = (
-    "You are a helpful Al assistant. The user will engage in a multi-round conversation with you, asking "
-    "initial questions and following up with additional related questions. Your goal is to provide "
-    "thorough,relevant and insightful responses to help the user with their queries."
-)
-BUILTIN_CATEGORY_PROMPTS: dict[str, str] = {
-    "math": (
-        "You are an AI assistant designed to provide helpful, step-by-step guidance on solving math problems. "
-        "The user will ask you a wide range of complex mathematical questions.\nYour purpose is to assist "
-        "users in understanding mathematical concepts, working through equations, and arriving at the "
-        "correct solutions."
-    ),
-    "code": (
-        "You are an AI assistant designed to provide helpful, step-by-step guidance on coding problems. "
-        "The user will ask you a wide range of coding questions.\nYour purpose is to assist users in "
-        "understanding coding concepts, working through code, and arriving at the correct solutions."
-    ),
-    "translation": (
-        "You are an AI assistant specifically designed to provide accurate and contextually appropriate "
-        "translations. Users will ask you to translate text between various languages.\nYour purpose is to "
-        "assist users in understanding and conveying meaning across languages, maintaining the original "
-        "context and nuances."
-    ),
-}
-UUID_NAMESPACE = uuid_lib.UUID("6f1d3c3e-6d61-4770-9965-6875622d7575")  # fixed: uuids stable across versions
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -263,138 +231,3 @@ class Recipe(_Strict):
         if unknown:
             raise RecipeError(f"unknown config {unknown[0]!r} (--config); the recipe defines: {', '.join(self.configs)}")
         return [n for n in self.configs if n in set(names)]
-
-
-@dataclass(frozen=True)
-class RowPlan:
-    index: int
-    uuid: str
-    mix: SamplingMix
-    category: str | None
-    system_prompt: str | None
-    replacement: int = 0
-
-
-def exact_counts(weights: list[float], total: int) -> list[int]:
-    """Split ``total`` by normalised ``weights`` into integers summing to ``total`` (largest remainder)."""
-    norm = sum(weights)
-    quotas = [w / norm * total for w in weights]
-    counts = [math.floor(q) for q in quotas]
-    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - counts[i]), i))
-    for i in order[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def _assignment(weights: list[float], total: int, key: str) -> list[int]:
-    slots = [k for k, n in enumerate(exact_counts(weights, total)) for _ in range(n)]
-    random.Random(key).shuffle(slots)
-    return slots
-
-
-class ConfigPlan:
-    """Row index -> (uuid, sampling mix, category): deterministic from the recipe, seed, config and index."""
-
-    def __init__(self, recipe: Recipe, config: str):
-        self.recipe, self.config = recipe, config
-        self.cfg = recipe.configs[config]
-        self.rows = self.cfg.rows
-
-    @cached_property
-    def _mixes(self) -> list[int]:
-        shares = [m.share for m in self.recipe.instruction_sampling]
-        return _assignment(shares, self.rows, f"{self.recipe.seed}/{self.config}/sampling")
-
-    @cached_property
-    def _categories(self) -> list[str] | None:
-        if not self.cfg.categories:
-            return None
-        names = list(self.cfg.categories)
-        slots = _assignment([self.cfg.categories[n] for n in names], self.rows, f"{self.recipe.seed}/{self.config}/categories")
-        return [names[k] for k in slots]
-
-    def uuid(self, index: int, replacement: int = 0) -> str:
-        """Row ``index``'s uuid; its ``replacement``-th replacement (k >= 1) has its own."""
-        key = f"{self.recipe.seed}/{self.config}/{index}" + (f"/replacement-{replacement}" if replacement else "")
-        return str(uuid_lib.uuid5(UUID_NAMESPACE, key))
-
-    def row(self, index: int, replacement: int = 0) -> RowPlan:
-        """Row ``index``; with ``replacement`` k >= 1, the spec that replaces it after k exhausted ones: the
-        same sampling mix and category (the exact counts hold), a new uuid (so new request seeds)."""
-        if not 0 <= index < self.rows:
-            raise IndexError(index)
-        category = self.cfg.category or (self._categories[index] if self._categories else None)
-        system = self.cfg.system_prompt
-        if category is not None:
-            system = self.recipe.all_category_prompts[category]
-        mix = self.recipe.instruction_sampling[self._mixes[index]]
-        return RowPlan(index, self.uuid(index, replacement), mix, category, system, replacement)
-
-
-def _describe(err: dict) -> str:
-    loc = ".".join(str(p) for p in err.get("loc", ()))
-    kind = err.get("type", "")
-    if kind == "extra_forbidden":
-        where, _, key = loc.rpartition(".")
-        return f"unknown key {key!r}" + (f" in {where}" if where else "") + " (check the spelling; see builders/demo.yaml)"
-    if kind == "missing":
-        return f"missing required key {loc!r}"
-    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-    return f"{loc}: {msg}" if loc else msg
-
-
-def apply_overrides(data: dict, overrides: Mapping[str, Any] | None) -> dict:
-    """Apply command-line overrides (rows, model, backend, endpoint) to raw recipe data.
-
-    ``backend`` replacing the recipe's backend keeps only the ``backend_options`` the new backend accepts
-    (the others belong to the recipe's backend); ``endpoint`` sets ``backend_options.endpoint``."""
-    data = dict(data)
-    ov = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if "model" in ov and ov["model"] != data.get("model"):
-        data["model"] = ov["model"]
-        data.pop("revision", None)   # the recipe's revision belongs to its own model
-    if "backend" in ov and ov["backend"] != data.get("backend", Recipe.model_fields["backend"].default):
-        opts = data.get("backend_options")
-        if isinstance(opts, dict) and opts:
-            accepted = set(option_keys(ov["backend"]))
-            data["backend_options"] = {k: v for k, v in opts.items() if k in accepted}
-        data["backend"] = ov["backend"]
-    if "endpoint" in ov:
-        backend = data.get("backend", Recipe.model_fields["backend"].default)
-        if isinstance(backend, str) and "endpoint" not in option_keys(backend):
-            servers = [name for name in BACKENDS if "endpoint" in option_keys(name)]
-            raise RecipeError(f"--endpoint is for the server backends ({', '.join(servers)}); the {backend} "
-                              "backend takes no endpoint")
-        opts = data.get("backend_options") or {}
-        data["backend_options"] = {**(opts if isinstance(opts, dict) else {}), "endpoint": ov["endpoint"]}
-    if "rows" in ov:
-        if isinstance(ov["rows"], bool) or not isinstance(ov["rows"], int) or ov["rows"] <= 0:
-            raise RecipeError(f"--rows must be a positive integer (got {ov['rows']})")
-        configs = data.get("configs")
-        if isinstance(configs, dict):
-            data["configs"] = {k: {**v, "rows": ov["rows"]} if isinstance(v, dict) else v for k, v in configs.items()}
-    return data
-
-
-def parse_recipe(data: Any, *, source: str = "recipe", overrides: Mapping[str, Any] | None = None) -> Recipe:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: the top level must be a mapping of keys (name, model, configs, ...)")
-    data = apply_overrides(data, overrides)
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(f"{source}: {_describe(exc.errors()[0])}") from None
-
-
-def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Recipe:
-    """Read and validate a recipe YAML; ``overrides`` = {rows, model, backend, endpoint} (None = keep)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {str(path)!r} not found (see builders/ for examples)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    return parse_recipe(data, source=str(path), overrides=overrides)
