@@ -59,7 +59,7 @@ class BuildProgress:
 
 
 def _kept(kept: int, generated: int) -> str:
-    return f"{kept / generated:.0%} of {generated:,}" if generated else "-"
+    return f"{kept / generated:.0%}" if generated else "-"
 
 
 def summary_table(configs: Mapping[str, Mapping], *, run_wall_s: float) -> Table:
@@ -67,18 +67,18 @@ def summary_table(configs: Mapping[str, Mapping], *, run_wall_s: float) -> Table
     run), rows replaced (their spec exhausted its attempts), rows with a kept truncated turn, drops, the
     share of generated tokens kept in written rows and wall time (device-hours: in the manifest and card)."""
     table = Table(title=f"magpie-hub build (this run: {run_wall_s:,.1f} s)", box=box.SIMPLE_HEAD)
-    table.add_column("config", overflow="fold")
+    table.add_column("config", no_wrap=True)
     for col in ("rows", "new", "repl.", "trunc."):
         table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("dropped by reason", overflow="fold", min_width=12)
-    for col in ("tokens kept", "wall s"):
-        table.add_column(col, justify="right", overflow="fold")
+    table.add_column("dropped", overflow="fold", min_width=9)
+    for col in ("tokens", "kept", "wall s"):   # generated tokens, and the share kept in written rows
+        table.add_column(col, justify="right", no_wrap=True)
     total: Counter = Counter()
     for name, c in configs.items():
         dropped = c.get("dropped") or {}
         text = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])) or "-"
         table.add_row(name, f"{c.get('rows', 0):,}", f"{c.get('new_rows', 0):,}", f"{c.get('replaced', 0):,}",
-                      f"{c.get('truncated_rows', 0):,}", text,
+                      f"{c.get('truncated_rows', 0):,}", text, f"{c.get('generated_tokens', 0):,}",
                       _kept(c.get("kept_tokens", 0), c.get("generated_tokens", 0)), f"{c.get('wall_time_s', 0):,.1f}")
         total.update({"rows": c.get("rows", 0), "new": c.get("new_rows", 0), "drop": sum(dropped.values()),
                       "tok": c.get("generated_tokens", 0), "kept": c.get("kept_tokens", 0),
@@ -86,6 +86,28 @@ def summary_table(configs: Mapping[str, Mapping], *, run_wall_s: float) -> Table
         total["wall"] += c.get("wall_time_s", 0)
     if len(configs) > 1:
         table.add_row("[bold]total", f"{total['rows']:,}", f"{total['new']:,}", f"{total['replaced']:,}",
-                      f"{total['truncated']:,}", f"{total['drop']:,}", _kept(total["kept"], total["tok"]),
+                      f"{total['truncated']:,}", f"{total['drop']:,}", f"{total['tok']:,}", _kept(total["kept"], total["tok"]),
                       f"{total['wall']:,.1f}")
+    return table
+
+
+def mix_table(configs: Mapping[str, Mapping]) -> Table:
+    """Closing table of the configs with mix targets (manifest ``configs.{name}.mix``): target vs achieved
+    rows per bucket, what the classifier put there and what overflowed, the steering its rows needed."""
+    table = Table(title="mix: target vs achieved", box=box.SIMPLE_HEAD)
+    for col, justify in (("config", "left"), ("bucket", "left"), ("target", "right"), ("rows", "right"),
+                         ("classified", "right"), ("overflow", "right"), ("steered by (top)", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for name, c in configs.items():
+        mix = c.get("mix")
+        if not mix:
+            continue
+        for dim, buckets in mix["buckets"].items():
+            for label, b in buckets.items():
+                top = next(iter(b.get("steered_by") or {}), "-")
+                table.add_row(name, f"{dim}: {label}", f"{b['target_rows']} ({b['target_share']:.1%})",
+                              f"{b['rows']} ({b['share']:.1%})", str(b["classified"]), str(b["overflow"]), top)
+        table.add_row(name, "[bold]all", f"{c.get('rows', 0)}", f"{mix['accepted']}", f"{mix['candidates']} cand.",
+                      f"acc. {mix['acceptance_rate'] or 0:.0%}", f"{mix['tokens_per_accepted_row'] or 0:,.0f} tok/row; "
+                      f"classifier {mix['classifier'].get('name', '?')}")
     return table
