@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from magpie_hub.errors import MagpieError, redact
+from magpie_hub.errors import MagpieError, install_log_redaction, os_error, redact
 
 app = typer.Typer(
     name="magpie-hub",
@@ -61,12 +62,15 @@ def build(
     backend: Annotated[str | None, typer.Option(help="transformers | tgi | openai (/v1/completions)")] = None,
     endpoint: Annotated[str | None, typer.Option(help="Server URL for the tgi / openai backends")] = None,
     fresh: Annotated[bool, typer.Option(help="Discard an existing output/checkpoint in --out")] = False,
+    ray: Annotated[str | None, typer.Option(help="Run the rank shares as Ray tasks: local | auto | ray://HOST:PORT")] = None,
+    ray_workers: Annotated[int | None, typer.Option(help="Ray shares (default: the cluster's GPUs for "
+                                                          "transformers, else 1)", min=1)] = None,
 ) -> None:
     """Generate the recipe's configs into a Hub-shaped dataset directory (resumable)."""
     from magpie_hub import pipeline  # heavy (torch, transformers): only when a command runs
 
     pipeline.build(recipe, out=out, configs=config or None, rows=rows, model=model, backend=backend,
-              endpoint=endpoint, fresh=fresh)
+              endpoint=endpoint, fresh=fresh, ray=ray, ray_workers=ray_workers)
 
 
 @app.command()
@@ -145,11 +149,16 @@ def diff(
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, turning MagpieError into one line + exit 2."""
+    install_log_redaction()
     try:
         app(args=argv, standalone_mode=False)
     except MagpieError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # disk full, permissions... met outside a stage's own handling: still one line
+        err = os_error(exc, "file system error")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted (re-run the same command to resume)", file=sys.stderr)
         sys.exit(130)
@@ -162,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             print(f"error: {redact(exc.format_message())}", file=sys.stderr)
             sys.exit(2)
-        raise
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")   # a bug: its traceback, no secret
+        sys.exit(1)
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ from conftest import cli_env
 
 from magpie_hub import pipeline
 from magpie_hub.build.checkpoint import Checkpoint, PieceWriter
-from magpie_hub.dataset.schema import BUILD_FEATURES
+from magpie_hub.dataset.schema import BUILD_FEATURES, build_features
 from magpie_hub.dataset.shards import shard_count, write_config_shards
 from magpie_hub.layout import MANIFEST
 from magpie_hub.recipe.load import load_recipe
@@ -73,7 +73,7 @@ def test_build_exact_rows_schema_manifest_and_determinism(tmp_path):
         ds = datasets.load_dataset(str(out), name, split="train")
         plan = recipe.plan(name)
         assert len(ds) == cfg.rows
-        assert ds.features == BUILD_FEATURES
+        assert ds.features == build_features(cfg.turns)
         assert ds["uuid"] == [plan.uuid(i) for i in range(cfg.rows)]        # ordered by index, no gaps/dups
         for i, row in enumerate(ds):
             p = plan.row(i)

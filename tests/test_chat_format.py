@@ -43,7 +43,8 @@ def formats(fixtures_dir) -> dict[str, ChatFormat]:
 
 
 def _render(fmt: ChatFormat, messages: list[dict], generation: bool = True) -> str:
-    return fmt.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    return fmt.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                             date_string=fmt.date_string)
 
 
 def _conversation(turns: int, system: str | None, reply_gap: str) -> list[dict]:
@@ -172,13 +173,18 @@ def test_stops_and_stop_token_ids(formats, fixtures_dir):
     assert llama.user_stop[0] == "<|eot_id|>" and llama.assistant_stop[0] == "<|eot_id|>"
     assert llama.has_vocabulary is False
     assert set(llama.stop_token_ids) == {128009, 128001}  # the config's real ids + generation_config eos
+    # every special token of the role headers stops a turn too (the official Llama-3 config: 128006 / 128007)
+    assert llama.role_marker_ids == (128006, 128007, 128000)
+    assert llama.user_stop[:2] == ("<|eot_id|>", "<|end_of_text|>")
+    assert {"<|start_header_id|>", "<|end_header_id|>"} <= set(llama.user_stop) & set(llama.assistant_stop)
     qwen = formats["qwen2.5-instruct"]
-    assert qwen.stop == ("<|im_end|>",) and set(qwen.stop_token_ids) == {151645, 151643}
-    mistral = formats["mistral-7b-instruct-v0.2"]
-    assert mistral.user_stop == ("[/INST]", "</s>") and mistral.assistant_stop == ("</s>",)
-    assert mistral.stop_token_ids == (2,)
+    assert qwen.stop == ("<|im_end|>", "<|im_start|>") and set(qwen.stop_token_ids) == {151645, 151643}
+    assert qwen.role_marker_ids == (151644,)
+    mistral = formats["mistral-7b-instruct-v0.2"]   # v0.2's [INST] is plain text: stopped on text, not on ids
+    assert mistral.user_stop == ("[/INST]", "</s>", "<s>") and mistral.assistant_stop == ("</s>", "<s>")
+    assert mistral.stop_token_ids == (2,) and mistral.role_marker_ids == (1,)
     deepseek = load_chat_format(str(fixtures_dir / "deepseek-coder-6.7b-instruct"), allow_config_only=True)
-    assert deepseek.user_stop[0] == "### Response:" and deepseek.assistant_stop == ("<|EOT|>",)
+    assert deepseek.user_stop[0] == "### Response:" and deepseek.assistant_stop == ("<|EOT|>", "<｜begin▁of▁sentence｜>")
     assert 32021 in deepseek.stop_token_ids
     assert formats["gemma-2-it"].stop[0] == "<end_of_turn>"
     assert formats["phi-3-mini-4k-instruct"].assistant_stop[0] == "<|end|>"
@@ -196,7 +202,8 @@ def test_bos_in_template_and_encode_never_doubles_bos(formats):
 
 def test_to_dict_keys(formats):
     data = formats["phi-3-mini-4k-instruct"].to_dict(system=SYSTEM)
-    assert list(data) == ["pre_query", "pre_query_system", "post_query", "follow_up", "stop", "bos_in_template"]
+    assert list(data) == ["pre_query", "pre_query_system", "post_query", "follow_up", "history_post_query",
+                          "reply_gap", "stop", "user_stop", "assistant_stop", "bos_in_template"]
     assert data["pre_query_system"] == f"<|system|>\n{SYSTEM}<|end|>\n<|user|>\n"
     assert formats["phi-3-mini-4k-instruct"].to_dict()["pre_query_system"] is None
     json.dumps(data)

@@ -139,12 +139,14 @@ def test_presets_are_the_papers():
     assert {"pro", "air", "pro-card"} <= set(preset_names())
     pro = [r.describe() for r in load_filter_spec("pro").rules]
     assert pro == ["input_quality >= average", "min_neighbor_distance > 0", "instruct_reward > -12",
-                   "keep_longest 300000 by response_length"]
+                   "keep_longest 300000 by response_chars"]          # characters, as the paper and notebook
     air = [r.describe() for r in load_filter_spec("air").rules]
     assert air == ["input_quality >= good", "difficulty >= medium", "min_neighbor_distance > 0",
-                   "reward_difference > 0", "keep_longest 300000 by response_length"]
+                   "reward_difference > 0", "keep_longest 300000 by response_chars"]
     card = [r.describe() for r in load_filter_spec("pro-card").rules]
     assert "instruct_reward >= -10" in card and "instruction not endswith ':'" in card
+    assert "dedup (first row of each near-duplicate group)" in card     # the notebook's keep-one-per-group
+    assert not any("min_neighbor_distance" in r for r in card)
 
 
 def _rows(n: int, seed: int, prefix: str) -> dict:
@@ -155,7 +157,7 @@ def _rows(n: int, seed: int, prefix: str) -> dict:
     d = ["very easy", "easy", "medium", "hard", "very hard"]
     rows = {k: [] for k in ("uuid", "instruction", "response", "input_quality", "difficulty",
                             "min_neighbor_distance", "instruct_reward", "reward_difference",
-                            "response_length", "min_similar_uuid", "repeat_count")}
+                            "response_length", "min_similar_uuid", "repeat_count", "response_chars")}
     for i in range(n):
         uid = f"{prefix}-{i}"
         rows["uuid"].append(uid)
@@ -169,12 +171,13 @@ def _rows(n: int, seed: int, prefix: str) -> dict:
         rows["response_length"].append(rng.randint(1, 400))
         rows["min_similar_uuid"].append(f"{prefix}-{i - 1}" if i % 5 == 0 and i else None)
         rows["repeat_count"].append(1 if i % 5 == 0 else 0)
+        rows["response_chars"].append(rng.randint(1, 4000))
     return rows
 
 
-def expected(rows: dict, pred, n: int) -> list[str]:
+def expected(rows: dict, pred, n: int, by: str = "response_chars") -> list[str]:
     idx = [i for i in range(len(rows["uuid"])) if pred({k: v[i] for k, v in rows.items()})]
-    top = sorted(idx, key=lambda i: -rows["response_length"][i])[:n]
+    top = sorted(idx, key=lambda i: -rows[by][i])[:n]
     return [rows["uuid"][i] for i in sorted(top)]
 
 
@@ -217,7 +220,7 @@ def test_pro_and_air_presets_on_synthetic_dir(tmp_path):
         got = pq.read_table(tmp_path / "air" / config).column("uuid").to_pylist()
         want = expected(rows, lambda r: r["input_quality"] is not None and RANK[r["input_quality"]] >= 3
                         and RANK[r["difficulty"]] >= 2 and r["min_neighbor_distance"] > 0
-                        and r["reward_difference"] > 0, 5)
+                        and r["reward_difference"] > 0, 5, by="response_length")
         assert got == want and len(want) == 5
         removed = sum(p[config].removed for p in report.outcomes)
         assert removed == len(rows["uuid"]) - 5
@@ -297,3 +300,51 @@ def test_empty_result_is_written_and_warned(tmp_path):
     assert pq.read_table(tmp_path / "empty" / "math").num_rows == 0
     assert pq.read_table(tmp_path / "empty" / "single_turn").num_rows == 12
     assert (tmp_path / "empty" / "README.md").is_file()
+
+
+def test_balance_rule_strata_and_quotas():
+    t = pa.table({"difficulty": ["very easy", "easy", "medium", "hard", "Easy", None, "very hard", "medium"],
+                  "response_chars": [10, 50, 40, 90, 30, 99, 20, 70]})
+    spec = parse_spec('rules: [{balance: {by: difficulty, shares: {"<= easy": 1, ">= medium": 1}}}, '
+                      'keep_longest 4 by response_chars]', default_name="b", source="t")
+    balance, longest = spec.rules
+    assert longest.balance is balance and balance.quotas(5) == [3, 2] and balance.quotas(4) == [2, 2]
+    assert keep(balance, t) == ([0, 1, 2, 3, 4, 6, 7], 1)                # the null label goes, counted
+    out, report = apply_spec(spec, {"c": t})
+    # two longest easy-or-below (50, 30) + two longest medium-or-above (90, 70), original order kept
+    assert out["c"].column("response_chars").to_pylist() == [50, 90, 30, 70]
+    assert [o["c"].removed for o in report.outcomes] == [1, 3]
+    assert longest.describe() == "keep_longest 4 by response_chars per difficulty stratum"
+    short = parse_spec('rules: [{balance: {by: difficulty, shares: {"very hard": 1, easy: 3}}}, keep_longest 8]',
+                       default_name="b", source="t")
+    assert short.rules[0].strata == {"very hard": ("very hard",), "easy": ("easy",)}
+    for bad, match in [('{balance: {by: difficulty, shares: {">= great": 1}}}', "not a label"),
+                       ('{balance: {by: difficulty, shares: {"<= easy": 1, "easy|medium": 1}}}', "two strata"),
+                       ('{balance: {by: difficulty, shares: {easy: 0}}}', "sum to 0"),
+                       ('{balance: {by: difficulty}}', "exactly")]:
+        with pytest.raises(RecipeError, match=match):
+            parse_spec(f"rules: [{bad}, keep_longest 3]", default_name="b", source="t")
+    with pytest.raises(RecipeError, match="followed by keep_longest"):
+        parse_spec("rules: [{balance: {by: difficulty, shares: {easy: 1}}}]", default_name="b", source="t")
+
+
+@pytest.mark.parametrize("preset", ["pro", "air", "pro-card", "filter2", "filter3", "filter4", "filter5", "filter6"])
+def test_table5_presets_run_and_report_what_each_rule_removed(preset):
+    rows = _rows(400, seed=3, prefix="c")
+    rows["difficulty"] = [None if i % 13 == 0 else d for i, d in enumerate(rows["difficulty"])]
+    table = pa.table(rows)
+    spec = load_filter_spec(preset)
+    small = [KeepLongestRule(20, r.by) if isinstance(r, KeepLongestRule) else r for r in spec.rules]
+    if spec.rules[-1].balance is not None:                      # keep the stratification on the smaller n
+        small[-1].balance = spec.rules[-1].balance
+    spec.rules = small
+    out, report = apply_spec(spec, {"c": table})
+    removed = [o["c"].removed for o in report.outcomes]
+    assert len(removed) == len(spec.rules) and all(r >= 0 for r in removed)
+    assert sum(removed) == 400 - out["c"].num_rows and out["c"].num_rows <= 20
+    assert all(r > 0 for r in removed), dict(zip([r.describe() for r in spec.rules], removed, strict=True))
+    data = report.to_dict()
+    assert [s["rule"] for s in data["steps"]] == [r.describe() for r in spec.rules]
+    if preset == "filter6":
+        labels = [RANK[d] for d in out["c"].column("difficulty").to_pylist()]
+        assert sum(r <= 1 for r in labels) == sum(r >= 2 for r in labels) == 10

@@ -110,7 +110,7 @@ def make_engine(backend, fmt=None, **kw) -> ConversationEngine:
     return ConversationEngine(backend, fmt or FakeFormat(), **kw)
 
 
-def test_failed_turns_drop_the_whole_conversation_and_regenerate():
+def test_a_failed_turn_is_regenerated_and_the_finished_turns_before_it_stay():
     specs = [spec(0, uuid="a"), spec(1, uuid="b"), spec(2, uuid="c"), spec(3, uuid="d")]
     trunc = GenerationResult("Q half", "length", 32)
     script = {
@@ -130,15 +130,20 @@ def test_failed_turns_drop_the_whole_conversation_and_regenerate():
     assert [s.uuid for s in engine.exhausted] == [s.uuid for s in engine.failed] == ["c"]
     assert (convs["a"].attempts, convs["b"].attempts, convs["d"].attempts) == (2, 5, 2)
     assert engine.dropped == {"truncated": 1 + 1 + 5, "error": 1, "empty": 1, "colon": 1, "role_leak": 1}
+    made_by = {"a": [1, 2, 2], "b": [3, 4, 5], "d": [2, 2, 2]}   # the attempt that wrote each kept turn
     for conv in convs.values():
         assert len(conv.turns) == 3
-        for turn, (user, reply) in enumerate(conv.turns, 1):   # every text from the kept attempt, stripped
-            assert user == f"Q {conv.spec.uuid} t{turn} a{conv.attempts}"
-            assert reply == f"A {conv.spec.uuid} t{turn} a{conv.attempts}"
-    # a dropped attempt sends nothing after the failed turn; the regenerated one starts from turn 1
+        for turn, (user, reply) in enumerate(conv.turns, 1):   # every text from its kept attempt, stripped
+            attempt = made_by[conv.spec.uuid][turn - 1]
+            assert user == f"Q {conv.spec.uuid} t{turn} a{attempt}"
+            assert reply == f"A {conv.spec.uuid} t{turn} a{attempt}"
+    # a dropped attempt sends nothing after the failed turn; the next one starts again at the failed turn
     sent_b = [key for _, key, _ in backend.requests if key[0] == "b"]
-    assert sent_b[:3] == [("b", 1, "user", 1), ("b", 1, "assistant", 1), ("b", 1, "user", 2)]
-    # tokens: the engine counts every attempt, a conversation only its kept attempt
+    assert sent_b == [("b", 1, "user", 1), ("b", 1, "assistant", 1), ("b", 1, "user", 2), ("b", 1, "user", 3),
+                      ("b", 1, "assistant", 3), ("b", 2, "user", 3), ("b", 2, "user", 4), ("b", 2, "assistant", 4),
+                      ("b", 3, "user", 4), ("b", 3, "assistant", 4), ("b", 3, "user", 5), ("b", 3, "assistant", 5)]
+    assert [c.finish_reasons for c in convs.values()] == [["stop"] * 6] * 3
+    # tokens: the engine counts every attempt, a conversation only its kept turns
     assert convs["a"].generated_tokens == 6 * 5
     assert engine.generated_tokens == sum(r.generated_tokens for r in backend.results) > 3 * 6 * 5
 

@@ -70,6 +70,68 @@ def test_prompts_carry_the_label_sets():
     assert ins in q and all(f"- {label}:" in q for label in QUALITIES) and '"input_quality"' in q
 
 
+# Copied from magpie-align/magpie @ b734a36818e4ba7ef7f0f582fc55f7e860407d26, exp/str_utils.py
+# (input_difficulty_rating / input_quality_rating with input = INS); "\x20" = a trailing space of the original.
+INS = "How do I reverse a list in Python?"
+OFFICIAL_DIFFICULTY = (
+    "\n# Instruction \n\nYou first need to identify the given user intent and then label the difficulty level of "
+    "the user query based on the content of the user query.\n\n## User Query\n```\n" + INS + "\n```\n\n"
+    "## Output Format\nGiven the user query, in your output, you first need to identify the user intent and the "
+    "knowledge needed to solve the task in the user query.\nThen, rate the difficulty level of the user query as "
+    "`very easy`, `easy`, `medium`, `hard`, or `very hard`.\n\nNow, please output the user intent and difficulty "
+    "level below in a json format by filling in the placeholders in []:\n```\n{   \n"
+    '    "intent": "The user wants to [....]",\n'
+    '    "knowledge": "To solve this problem, the models need to know [....]",\n'
+    '    "difficulty": "[very easy/easy/medium/hard/very hard]"\n}\n```\n')
+OFFICIAL_QUALITY = (
+    "\n# Instruction\n\nYou need to rate the quality of the user query based on its clarity, specificity, and "
+    "coherence.\n\nThe rating scale is as follows:\n\n"
+    "- very poor: The query is unclear, vague, or incoherent. It lacks essential information and context.\n"
+    "- poor: The query is somewhat unclear or lacks important details. It requires significant clarification.\n"
+    "- average: The query is moderately clear and specific. It may require some additional information for a "
+    "complete understanding.\n"
+    "- good: The query is clear, specific, and mostly well-formed. It provides sufficient context for "
+    "understanding the user's intent.\n"
+    "- excellent: The query is very clear, specific, and well-articulated. It contains all the necessary "
+    "information and context for providing a comprehensive response.\n\n## User Query\n```\n" + INS + "\n```\n\n"
+    "## Output Format\nGiven the user query, you first need to give an assesement, highlighting the strengths "
+    "and/or weaknesses of the user query.\nThen, you need to output a rating from very poor to excellent by "
+    "filling in the placeholders in [...]:\n```\n{   \n"
+    '    "explanation": "[...]",\n    "input_quality": "[very poor/poor/average/good/excellent]"\n}\n```\n')
+OFFICIAL_CLASSIFICATION_LINES = [
+    '    "Role playing",  # Users engage in scenarios requiring ChatGPT to adopt a character or persona.',
+    '    "Creative writing",  # Users seek assistance with crafting stories, poems, or other creative texts. ',
+    '    "Others"  # Any queries that do not fit into the above categories or are of a miscellaneous nature.',
+    "## Output Format:",
+    'Now, please output your tags below in a json format by filling in the placeholders in <...>:',
+]
+
+
+def test_judge_prompts_are_the_official_ones_byte_for_byte():
+    assert difficulty_prompt(INS) == OFFICIAL_DIFFICULTY
+    assert quality_prompt(INS) == OFFICIAL_QUALITY
+    c = classification_prompt(INS)
+    assert c.startswith("\n# Instruction\n\nPlease label the task tags for the user query.\n\n## User Query\n```\n"
+                        + INS + "\n```\n") and c.endswith('    "other_tags": ["<tag 1>", "<tag 2>", ... ]\n}\n```\n')
+    lines = c.split("\n")
+    assert all(line in lines for line in OFFICIAL_CLASSIFICATION_LINES)
+    listed = [line.split('"')[1] for line in lines if line.startswith('    "') and "  # " in line]
+    assert listed == list(TASK_CATEGORIES)                   # the prompt's tags are the registered labels
+    assert TaskCategoryStep.default_max_new_tokens == 1024   # the official unitag.py --max_tokens
+
+
+def test_official_answers_parse():
+    """What the official tagger gets back after its "{" prefill and "}" stop parses here too."""
+    answers = [('\n    "intent": "The user wants to reverse a list",\n    "knowledge": "Python lists",\n'
+                '    "difficulty": "very easy"\n', "difficulty", "very easy"),
+               ('   \n    "explanation": "Clear and specific.",\n    "input_quality": "good"\n', "input_quality", "good"),
+               ('\n    "primary_tag": "Coding & Debugging",\n    "other_tags": ["Information seeking"]\n',
+                "primary_tag", "Coding & Debugging")]
+    for text, key, want in answers:
+        assert extract_object(text, prefix="{")[key] == want
+        assert extract_object(text + "}", prefix="{")[key] == want     # vLLM include_stop_str_in_output
+
+
 def make_rows_dir(root: Path, configs: dict[str, list[str | None]], tags: list | None = None) -> Path:
     for name, instructions in configs.items():
         rows = []

@@ -26,7 +26,7 @@ from test_generate import SEED, ScriptedBackend, collect, make_engine, spec
 from magpie_hub import pipeline
 from magpie_hub.build.checkpoint import Checkpoint
 from magpie_hub.build.progress import summary_table
-from magpie_hub.dataset.schema import BUILD_FEATURES
+from magpie_hub.dataset.schema import build_features
 from magpie_hub.errors import RecipeError
 from magpie_hub.generate.backends.base import (
     GenerationRequest,
@@ -142,10 +142,10 @@ def _recipe(tmp_path, name="r.yaml", **changes):
 def test_build_holds_exact_rows_replaces_deterministically_and_reports_tokens(tmp_path):
     out = tmp_path / "ds"
     manifest = pipeline.build(_recipe(tmp_path, filters={"rules": ["truncated == false"]}), out=out)
-    for name, n in (("single_turn", 24), ("multi_turn", 8)):
+    for name, n, turns in (("single_turn", 24, 1), ("multi_turn", 8, 2)):
         table = pq.read_table(out / name)
         assert table.num_rows == n and len(set(table.column("uuid").to_pylist())) == n
-        assert table.schema.names == list(BUILD_FEATURES)
+        assert table.schema.names == list(build_features(turns))
         for row in table.to_pylist():
             assert len(row["finish_reasons"]) == len(row["messages"])
             assert row["truncated"] == any(f != "stop" for f in row["finish_reasons"])

@@ -119,6 +119,21 @@ def test_reward_scores_match_unbatched_reference(tmp_path, tiny_rm):
     assert len({round(s, 6) for s in scores[:6]}) == 6
 
 
+def test_reward_head_with_several_labels_and_no_score_is_refused(tmp_path, tiny_llama3):
+    """Its first logit is not a reward: one line naming the fix (a one-label head, or a score output)."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    config = AutoConfig.from_pretrained(tiny_llama3)
+    config.num_labels = 3
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "multi")
+    AutoTokenizer.from_pretrained(tiny_llama3).save_pretrained(tmp_path / "multi")
+    ctx = TagContext(directory=tmp_path, manifest={}, work_dir=tmp_path / "w")
+    step = step_class("reward")(ctx, model=str(tmp_path / "multi"))
+    with pytest.raises(ModelError, match=r"3 labels and no score output.*trust_remote_code") as err:
+        step.setup()
+    assert "\n" not in str(err.value)
+
+
 def test_reward_step_through_runner_with_base_and_air_filter(tmp_path, tiny_rm):
     base = ["5.", "Leaves.", "Recursion is recursion.", "Hey.", "1, 2, 3.", "No.", "x", "y"]
     root = make_dir(tmp_path / "ds", PAIRS, base=base)

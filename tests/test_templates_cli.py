@@ -14,7 +14,8 @@ from magpie_hub.chat.config_tokenizer import tokenizer_from_config
 from magpie_hub.cli import main
 
 NEW_FAMILIES = Path(__file__).parent / "data" / "templates"
-KEYS = ["pre_query", "pre_query_system", "post_query", "follow_up", "stop", "bos_in_template"]
+KEYS = ["pre_query", "pre_query_system", "post_query", "follow_up", "history_post_query", "reply_gap", "stop",
+        "user_stop", "assistant_stop", "bos_in_template"]
 
 
 def _json_of(capsys, *args: str) -> dict:
@@ -57,7 +58,8 @@ def test_json_satisfies_round_trip_on_new_families(family, capsys):
 def test_config_only_fixture_and_tiny_model(fixtures_dir, capsys):
     data = _json_of(capsys, str(fixtures_dir / "llama-3-8b-instruct"))
     assert data["pre_query"] == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
-    assert data["stop"] == ["<|eot_id|>", "<|end_of_text|>"] and data["bos_in_template"] is True
+    assert data["stop"][:2] == ["<|eot_id|>", "<|end_of_text|>"] and data["bos_in_template"] is True
+    assert {"<|start_header_id|>", "<|end_header_id|>"} <= set(data["user_stop"])   # role headers stop a turn
     tiny = _json_of(capsys, "tiny:llama3")
     assert tiny["pre_query"] == data["pre_query"] and tiny["post_query"] == data["post_query"]
 

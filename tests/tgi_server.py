@@ -194,7 +194,7 @@ class Server(TGIServingCore):
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         m = dict(self.metrics, uptime_seconds=round(time.monotonic() - self.started, 3), in_flight=self.in_flight,
-                 slots=self.args.slots, ms_per_token=self.args.ms_per_token)
+                 slots=self.args.slots, ms_per_token=self.args.ms_per_token, started_unix=round(self.started_unix, 4))
         lines = [f"tgi_standin_{k} {v}" for k, v in m.items()]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
@@ -255,31 +255,55 @@ async def serve(args: argparse.Namespace) -> None:
     await asyncio.Event().wait()
 
 
+def spawn(model: str | Path, args: tuple[str, ...], tmp: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """Start this server as a subprocess (port 0 = a free one, written to a port file when it is ready)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port_file, log_path = tmp / "port", tmp / "server.log"
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--model", str(model),
+                                 "--port-file", str(port_file), *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+    return proc, port_file, log_path
+
+
+def wait_ready(proc: subprocess.Popen, port_file: Path, log_path: Path, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"TGI stand-in did not start (rc={proc.poll()}):\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{int(port_file.read_text())}"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server started here, by its PID (SIGTERM, then SIGKILL)."""
+    if proc.poll() is None:
+        os.kill(proc.pid, 15)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, 9)
+            proc.wait(10)
+
+
 @contextlib.contextmanager
 def launched(model: str | Path, *args: str, timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
     """Start this server as a subprocess on a free 127.0.0.1 port; yield (base URL, process); stop it by PID."""
+    with launched_many(model, 1, *args, timeout=timeout) as servers:
+        yield servers[0]
+
+
+@contextlib.contextmanager
+def launched_many(model: str | Path, count: int, *args: str, timeout: float = 120.0
+                  ) -> Iterator[list[tuple[str, subprocess.Popen]]]:
+    """``count`` servers started side by side (they load in parallel); yield [(base URL, process)]."""
     with tempfile.TemporaryDirectory(prefix="tgi-standin-") as tmp:
-        port_file, log_path = Path(tmp) / "port", Path(tmp) / "server.log"
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--model", str(model),
-                                     "--port-file", str(port_file), *args], stdout=log, stderr=subprocess.STDOUT,
-                                    env=env)
+        started = [spawn(model, args, Path(tmp) / str(i)) for i in range(count)]
         try:
-            deadline = time.monotonic() + timeout
-            while not port_file.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"TGI stand-in did not start (rc={proc.poll()}):\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.05)
-            yield f"http://127.0.0.1:{int(port_file.read_text())}", proc
+            yield [(wait_ready(*s, timeout), s[0]) for s in started]
         finally:
-            if proc.poll() is None:
-                os.kill(proc.pid, 15)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, 9)
-                    proc.wait(10)
+            for proc, _, _ in started:
+                stop(proc)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -112,6 +112,7 @@ class TGIServingCore:
                         "validation_422": 0, "unauthorized_401": 0, "busy_slot_seconds": 0.0,
                         "first_request_s": 0.0, "last_response_s": 0.0}
         self.started = time.monotonic()
+        self.started_unix = time.time()       # the same instant on the wall clock (to line servers up)
 
     # ----------------------------------------------------------------------------------- protocol
     def info(self) -> dict:

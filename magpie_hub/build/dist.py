@@ -1,7 +1,16 @@
-"""Data-parallel coordination of a build: rank, world size, barrier, broadcast.
+"""Data-parallel coordination of a build: rank, world size, barrier, broadcast, rank shares.
 
 Started under ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE`` > 1), processes coordinate through
 accelerate's ``PartialState`` (gloo on CPU, NCCL on GPUs); a single process needs none of it.
+
+Multi-node (``torchrun --nnodes N --nproc_per_node K --rdzv-backend c10d --rdzv-endpoint HOST:PORT``, all
+nodes writing one shared ``--out``): the rows still missing are read from the checkpoint by rank 0 and
+broadcast, and rank ``r`` of ``w`` takes items ``r, r + w, r + 2w, ...`` of that list (:meth:`Dist.share`):
+the shares are disjoint, cover every missing row and depend only on (checkpoint, rank, world size), even
+when a shared filesystem shows the nodes slightly different states. A node lost mid-run: the survivors
+fail at the next collective; with ``--max-restarts`` torchrun restarts them and waits for the node to be
+relaunched (or resubmit the job, with any world size); every rank then re-reads the checkpoint, so the
+finished rows are kept and the rest is shared anew. Rank 0 merges once, after the last barrier.
 """
 
 from __future__ import annotations
@@ -37,6 +46,10 @@ class Dist:
     def barrier(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()
+
+    def share(self, items: list) -> list:
+        """This process's share of rank 0's ``items``: every ``world``-th item from ``rank`` (see module doc)."""
+        return list(self.broadcast(items))[self.rank::self.world]
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (so all ranks take the same decisions)."""

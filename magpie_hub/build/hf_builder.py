@@ -65,7 +65,7 @@ class MagpieBuilder(datasets.GeneratorBasedBuilder):
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(
             description=f"MAGPIE synthetic conversations, recipe {self._recipe.name!r}, model {self._recipe.model}",
-            features=BUILD_FEATURES, citation=CITATION,
+            features=BUILD_FEATURES, citation=CITATION,   # replaced by the written schema once built
         )
 
     def _build_dir(self) -> Path:
@@ -80,12 +80,15 @@ class MagpieBuilder(datasets.GeneratorBasedBuilder):
         pipeline.build(cfg.recipe, out=out, configs=[cfg.name], rows=cfg.rows, model=cfg.model, backend=cfg.backend,
                   endpoint=cfg.endpoint)
         files = [str(p) for p in shard_paths(out, cfg.name)]
+        # the config's own columns (multi-turn instruction_k / response_k, preference, reasoning...), as written
+        self.info.features = datasets.Features.from_arrow_schema(pq.read_schema(files[0]))
         return [datasets.SplitGenerator(name=datasets.Split.TRAIN, gen_kwargs={"files": files})]
 
     def _generate_examples(self, files: list[str]):
         key = 0
+        names = list(self.info.features)
         for path in files:
-            for batch in pq.ParquetFile(path).iter_batches(columns=list(BUILD_FEATURES)):
+            for batch in pq.ParquetFile(path).iter_batches(columns=names):
                 for row in batch.to_pylist():
                     yield key, row
                     key += 1

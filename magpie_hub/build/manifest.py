@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from magpie_hub.dataset.directory import update_manifest
-from magpie_hub.errors import redact_mapping
+from magpie_hub.errors import RecipeError, redact_mapping
 from magpie_hub.recipe.plan import exact_counts
 from magpie_hub.recipe.schema import Recipe
 
@@ -86,6 +86,7 @@ def config_entry(recipe: Recipe, name: str, stats: list[dict], *, shards: int, r
         "device_hours": round(device_s / 3600.0, 6),
         "processes": max([int(s.get("world") or 1) for s in stats] or [1]),
         "backends": sorted({str(s.get("backend")) for s in stats if s.get("backend")}),
+        "complete": True,   # its shards are merged (see magpie_hub.dataset.verify)
     }
     entry["kept_token_ratio"] = round(entry["kept_tokens"] / entry["generated_tokens"], 4) \
         if entry["generated_tokens"] else None
@@ -114,12 +115,34 @@ def _system_templates(recipe: Recipe, fmt, configs: dict[str, Any]) -> dict[str,
     return out
 
 
+def check_same_recipe(manifest: dict[str, Any], recipe: Recipe, out: Path) -> None:
+    """A dataset directory holds one recipe's data: refuse (without ``--fresh``) to build another recipe
+    (other name) or another model into it, which would mix their rows and take over its card."""
+    old = manifest.get("recipe") if isinstance(manifest.get("recipe"), dict) else None
+    if not old:
+        return
+    model = (manifest.get("model") or {}).get("id") if isinstance(manifest.get("model"), dict) else None
+    if old.get("name") != recipe.name or (model and model != recipe.model):
+        raise RecipeError(f"--out {out} holds dataset {old.get('name')!r} built from model {model!r} by another "
+                          f"recipe (this one is {recipe.name!r} on {recipe.model!r})",
+                          hint="choose another --out, or pass --fresh to replace it")
+
+
+def mark_started(out: Path) -> None:
+    """A build starts writing ``out``: the directory is incomplete until :func:`build_manifest_update` with
+    ``complete=True`` at the very end (``tag``, ``filter``, ``card``, ``publish`` refuse it until then)."""
+    update_manifest(out, lambda m: m.__setitem__("complete", False))
+
+
 def build_manifest_update(out: Path, recipe: Recipe, recipe_path: Path, fmt, info, entries: dict[str, dict],
-                          world: int) -> dict[str, Any]:
-    """Merge this build's facts and the new config ``entries`` into ``out``'s manifest (atomically)."""
+                          world: int, complete: bool | None = None) -> dict[str, Any]:
+    """Merge this build's facts and the new config ``entries`` into ``out``'s manifest (atomically);
+    ``complete`` (when given) records whether the whole build finished."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     def change(m: dict[str, Any]) -> None:
+        if complete is not None:
+            m["complete"] = complete
         m.setdefault("created_at", now)
         m["updated_at"] = now
         m["magpie_hub"] = library_versions()["magpie-hub"]
@@ -130,7 +153,8 @@ def build_manifest_update(out: Path, recipe: Recipe, recipe_path: Path, fmt, inf
                       "sha": getattr(info, "model_revision", None), "backend": recipe.backend}
         m["backend"] = {"name": recipe.backend, "options": redact_mapping(recipe.backend_options),
                         "info": {"name": info.name, "model_id": info.model_id,
-                                 "max_concurrency": info.max_concurrency}}
+                                 "max_concurrency": info.max_concurrency,
+                                 **({"endpoints": info.extra["pool"]} if info.extra.get("pool") else {})}}
         m["templates"] = fmt.to_dict()
         configs = m.setdefault("configs", {})
         configs.update(entries)

@@ -29,7 +29,7 @@ class BuildProgress:
         self.enabled = enabled
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rps]} rows/s"), TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("{task.fields[rps]}"), TextColumn("{task.fields[tps]}"),
             TextColumn("{task.fields[dropped]}"), TimeRemainingColumn(),
             console=self.console, disable=not enabled, transient=False,
         )
@@ -44,7 +44,7 @@ class BuildProgress:
 
     def start(self, config: str, total: int, done: int) -> None:
         label = config if self.world == 1 else f"{config} (~{self.world} procs)"
-        task = self._progress.add_task(label, total=total, completed=done, rps="-", tps="-", dropped="")
+        task = self._progress.add_task(label, total=total, completed=done, rps="- rows/s", tps="- tok/s", dropped="")
         self._tasks[config] = (task, time.monotonic(), done)
 
     def update(self, config: str, *, new_rows: int, tokens: int, dropped: Mapping[str, int],
@@ -54,8 +54,22 @@ class BuildProgress:
         rows = done + new_rows * self.world
         n_dropped = sum(dropped.values())
         notes = ([f"dropped {n_dropped}"] if n_dropped else []) + ([f"replaced {replaced}"] if replaced else [])
-        self._progress.update(task, completed=rows, rps=_rate(new_rows * self.world / elapsed),
-                              tps=_rate(tokens * self.world / elapsed), dropped=", ".join(notes))
+        self._progress.update(task, completed=rows, rps=f"{_rate(new_rows * self.world / elapsed)} rows/s",
+                              tps=f"{_rate(tokens * self.world / elapsed)} tok/s", dropped=", ".join(notes))
+
+    def endpoints(self, status: list[Mapping] | None) -> None:
+        """One line per endpoint of a pool (backends/http/pool.py): state, in flight / capacity, request
+        and token rates, failures and times taken out."""
+        for e in status or ():
+            key = f"endpoint {e['url']}"
+            if key not in self._tasks:
+                self._tasks[key] = (self._progress.add_task("", total=None, rps="", tps="", dropped=""), time.monotonic(), 0)
+            notes = [f"ok {e['ok']:,}"] + ([f"failed {e['failures']}"] if e["failures"] else []) + \
+                ([f"taken out {e['taken_out']}x"] if e["taken_out"] else [])
+            self._progress.update(self._tasks[key][0], description=f"  {e['url']} ({e['state']})",
+                                  completed=e["in_flight"], total=max(e["capacity"], 1),
+                                  rps=f"{e['requests_per_s']} req/s", tps=f"{e['tokens_per_s']} tok/s",
+                                  dropped=", ".join(notes))
 
 
 def _kept(kept: int, generated: int) -> str:

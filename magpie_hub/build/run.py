@@ -23,6 +23,8 @@ Tagging and the card follow in :mod:`magpie_hub.pipeline`, not here. Data-parall
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import shutil
 import tempfile
 import time
@@ -35,11 +37,15 @@ from rich.console import Console
 
 from magpie_hub.build.checkpoint import Checkpoint, PieceWriter, read_rows
 from magpie_hub.build.dist import Dist
-from magpie_hub.build.manifest import build_manifest_update, config_entry
-from magpie_hub.build.progress import BuildProgress, summary_table
+from magpie_hub.build.lock import dataset_lock
+from magpie_hub.build.manifest import build_manifest_update, check_same_recipe, config_entry, mark_started
+from magpie_hub.build.mix import MixLoop, check_mix_config
+from magpie_hub.build.progress import BuildProgress, mix_table, summary_table
+from magpie_hub.build.source import Family, ScorerFactory
 from magpie_hub.chat.format import load_chat_format
+from magpie_hub.chat.official import resolve_pre_query
 from magpie_hub.dataset.directory import read_manifest, update_manifest
-from magpie_hub.dataset.schema import BUILD_FEATURES
+from magpie_hub.dataset.schema import build_features
 from magpie_hub.dataset.shards import shard_count, write_config_shards
 from magpie_hub.errors import DatasetDirError, MagpieError, RecipeError
 from magpie_hub.generate.backends import SamplingParams, backend_class, get_backend
@@ -47,12 +53,13 @@ from magpie_hub.generate.backends.base import LoopStop
 from magpie_hub.generate.engine import (
     TRUNCATED,
     CleanupOptions,
-    ConversationEngine,
     ConversationSpec,
     conversation_to_row,
 )
+from magpie_hub.generate.row_extras import with_turn_columns
 from magpie_hub.layout import MANIFEST, WORK_DIR, shard_paths
 from magpie_hub.models import resolve_model
+from magpie_hub.recipe.chat import config_pre_query
 from magpie_hub.recipe.plan import ConfigPlan
 from magpie_hub.recipe.schema import Recipe
 
@@ -92,6 +99,8 @@ def _changed(old: dict, new: dict) -> str:
 def check_fingerprints(recipe: Recipe, out: Path, names: list[str], fresh: bool) -> dict[str, str]:
     """For each config: "new", "resume" or "done"; RecipeError when the dir holds other rows (unless fresh)."""
     manifest = read_manifest(out) if out.is_dir() else {}
+    if not fresh:
+        check_same_recipe(manifest, recipe, out)
     status = {}
     for name in names:
         if fresh:
@@ -117,8 +126,9 @@ def check_fingerprints(recipe: Recipe, out: Path, names: list[str], fresh: bool)
 
 def _validate_chat_format(recipe: Recipe, names: list[str]):
     """Load the model's chat format and check it supports every system prompt the configs need."""
-    fmt = load_chat_format(resolve_model(recipe.model), revision=recipe.revision)
+    fmt = load_chat_format(resolve_model(recipe.model), revision=recipe.revision, date_string=recipe.template_date)
     for name in names:
+        _pre_query(recipe, name, fmt)               # an unknown official family -> RecipeError now
         plan = recipe.plan(name)
         systems = {plan.cfg.system_prompt} | {recipe.all_category_prompts[c] for c in
                                               ([plan.cfg.category] if plan.cfg.category else []) + list(plan.cfg.categories or {})}
@@ -137,7 +147,22 @@ def _sampling(recipe: Recipe, sampling, max_new: int) -> SamplingParams:
                           loop_stop=LoopStop(**loops.model_dump()) if loops is not None else None)
 
 
-def _spec(recipe: Recipe, plan: ConfigPlan, index: int, replacement: int = 0) -> ConversationSpec:
+def _pre_query(recipe: Recipe, name: str, fmt) -> str | None:
+    """The first instruction's prompt of config ``name`` (None: the template's own pre-query)."""
+    setting, drop = config_pre_query(recipe, name)
+    return resolve_pre_query(fmt, setting, model=recipe.model, drop_default_system=drop)
+
+
+def _follow_up(recipe: Recipe, turns: int) -> SamplingParams | None:
+    """Sampling of instructions 2.. (the official gen_mt.py: T=1, top_p=1), None: the row's own mix."""
+    follow = recipe.follow_up_sampling
+    if turns < 2 or follow == "same":
+        return None
+    return _sampling(recipe, follow, recipe.max_new_tokens.instruction)
+
+
+def _spec(recipe: Recipe, plan: ConfigPlan, index: int, replacement: int = 0,
+          pre_query: str | None = None) -> ConversationSpec:
     """Row ``index`` (or its ``replacement``-th replacement) as the engine's spec."""
     row = plan.row(index, replacement)
     return ConversationSpec(
@@ -146,6 +171,7 @@ def _spec(recipe: Recipe, plan: ConfigPlan, index: int, replacement: int = 0) ->
         instruction_params=_sampling(recipe, row.mix, recipe.max_new_tokens.instruction),
         response_params=_sampling(recipe, recipe.response_sampling, recipe.max_new_tokens.response),
         instruction_stop_newline=recipe.cleanup.newline_stop, replacement=replacement,
+        pre_query=pre_query, follow_up_params=_follow_up(recipe, plan.cfg.turns),
     )
 
 
@@ -155,28 +181,32 @@ def _cleanup(recipe: Recipe) -> CleanupOptions:
 
 
 async def _generate_config(recipe: Recipe, name: str, backend, fmt, todo: list[tuple[int, int]],
-                           writer: PieceWriter, progress: BuildProgress) -> None:
+                           writer: PieceWriter, progress: BuildProgress, family: Family) -> None:
     """Generate rows ``todo`` = [(index, first replacement number)], replacing exhausted specs."""
-    plan = recipe.plan(name)
+    plan = family.plan(name)
+    pre = _pre_query(recipe, name, fmt)
 
     def replacement(spec: ConversationSpec) -> ConversationSpec | None:
         k = spec.replacement + 1
-        return _spec(recipe, plan, spec.index, k) if k <= recipe.max_replacements else None
+        return family.spec(name, _spec(recipe, plan, spec.index, k, pre)) if k <= recipe.max_replacements else None
 
-    engine = ConversationEngine(backend, fmt, cleanup=_cleanup(recipe),
+    engine = family.engine(name, backend, fmt, cleanup=_cleanup(recipe),
                                 multi_turn_system_prompt=recipe.multi_turn_system_prompt,
                                 max_attempts=recipe.max_attempts,
                                 concurrency=recipe.concurrency or backend.info().max_concurrency or 64,
                                 seed=recipe.seed, replace=replacement,
                                 on_exhausted=lambda s: writer.mark_exhausted(s.index, s.uuid, s.replacement))
+    family.attach(name, engine)
     try:
-        async for conv in engine.run(_spec(recipe, plan, i, k) for i, k in todo):
-            row = conversation_to_row(conv, model=recipe.model, chat_format=fmt, seed=recipe.seed)
+        async for conv in engine.run(family.spec(name, _spec(recipe, plan, i, k, pre)) for i, k in todo):
+            row = family.row(name, conv, conversation_to_row(conv, model=recipe.model, chat_format=fmt,
+                                                             seed=recipe.seed, engine=recipe.backend))
             writer.write(conv.spec.index, conv.spec.uuid, row, replacement=conv.spec.replacement,
                          tokens=conv.generated_tokens)
             writer.update(dropped=engine.dropped, generated_tokens=engine.generated_tokens)
             progress.update(name, new_rows=writer.rows, tokens=engine.generated_tokens, dropped=engine.dropped,
                             replaced=engine.replaced)
+            progress.endpoints(getattr(backend, "pool_status", lambda: None)())   # an endpoint pool's lines
     finally:
         writer.update(dropped=engine.dropped, generated_tokens=engine.generated_tokens)
         writer.close()
@@ -191,9 +221,9 @@ def _counted(rows, outcome: Counter):
         yield row
 
 
-def _merge(recipe: Recipe, out: Path, name: str) -> dict[str, Any]:
+def _merge(recipe: Recipe, out: Path, name: str, family: Family) -> dict[str, Any]:
     """Rank 0: write the config's shards from all checkpoint pieces; return its manifest entry."""
-    plan = recipe.plan(name)
+    plan = family.plan(name)
     ckpt = Checkpoint(out, name)
     scan = ckpt.scan(plan.rows, plan.uuid)
     missing = plan.rows - len(scan.locations)
@@ -208,8 +238,9 @@ def _merge(recipe: Recipe, out: Path, name: str) -> dict[str, Any]:
     locations = [scan.locations[i] for i in range(plan.rows)]
     shards = shard_count(plan.rows, sum(length for _, _, length in locations))
     outcome: Counter = Counter()
-    paths = write_config_shards(out, name, _counted(read_rows(locations), outcome), plan.rows, shards=shards,
-                                features=BUILD_FEATURES)
+    rows = with_turn_columns(read_rows(locations), recipe.configs[name].turns)   # instruction_2, response_2, ...
+    paths = write_config_shards(out, name, _counted(rows, outcome), plan.rows, shards=shards,
+                                features=build_features(recipe.configs[name].turns, family.features(name)))
     return config_entry(recipe, name, stats, shards=len(paths), rows_by_rank=scan.rows_by_rank(),
                         replaced=len(scan.replacements), kept_tokens=sum(scan.tokens.values()),
                         truncated_rows=outcome.pop("rows", 0), truncated_turns=dict(outcome))
@@ -227,8 +258,10 @@ class BuildResult:
 
 
 def run_build(rec: Recipe, *, recipe_path: Path, out: str | Path | None = None, configs: list[str] | None = None,
-              fresh: bool = False, console: Console | None = None) -> BuildResult:
-    """Build the loaded recipe ``rec`` (read from ``recipe_path``) into ``out`` (default ``data/{name}``)."""
+              fresh: bool = False, console: Console | None = None, mix_classifier=None,
+              scorer_factory: ScorerFactory | None = None, dist: Dist | None = None) -> BuildResult:
+    """Build the loaded recipe ``rec`` (read from ``recipe_path``) into ``out`` (default ``data/{name}``).
+    ``scorer_factory`` (reward options -> scorer) is the pipeline's, for preference configs."""
     started = time.monotonic()
     recipe_path = Path(recipe_path)
     names = rec.select(configs)
@@ -237,7 +270,10 @@ def run_build(rec: Recipe, *, recipe_path: Path, out: str | Path | None = None, 
     check_out_dir(out)
     status = check_fingerprints(rec, out, names, fresh)
     fmt = _validate_chat_format(rec, names)
-    dist = Dist()
+    family = Family(rec, names, fmt, scorer_factory)   # response models, sources, scorers: validated now
+    dist = dist or Dist()                           # a Ray share passes its own (build/ray_run.py)
+    for name in (n for n in names if rec.configs[n].mix is not None):   # mix_classifier(config) from the pipeline
+        check_mix_config(rec, name, mix_classifier, dist.world)
     console = console or Console(stderr=True)
     options = dict(rec.backend_options)
     if rec.backend == "transformers" and "device_map" not in options and dist.device_map() is not None:
@@ -248,43 +284,58 @@ def run_build(rec: Recipe, *, recipe_path: Path, out: str | Path | None = None, 
     return_manifest: dict[str, Any] = {}
 
     async def main() -> None:
-        async with bk:
+        async with bk, family:
             # Everything is validated and the backend is up: only now touch the output dir.
             if dist.main:
+                status.update(check_fingerprints(rec, out, names, fresh))   # again, under the lock
                 _prepare(rec, out, names, status, fresh)
             status.update(dist.broadcast(status))
             with BuildProgress(console, enabled=dist.main, world=dist.world) as progress:
                 for name in names:
                     if status[name] == "done":
                         continue
-                    plan = rec.plan(name)
+                    if rec.configs[name].mix is not None:   # the closed mix loop (build/mix.py)
+                        entries[name] = await MixLoop(rec, name, out, bk, fmt, mix_classifier(name), progress=progress,
+                                                      sampling=functools.partial(_sampling, rec), cleanup=_cleanup(rec)).run()
+                        return_manifest.update(build_manifest_update(out, rec, recipe_path, fmt, bk.info(),
+                                                                     {name: entries[name]}, dist.world))
+                        continue
+                    plan = family.plan(name)
                     scan = Checkpoint(out, name).scan(plan.rows, plan.uuid)
                     dist.barrier()                  # everyone scanned before anyone appends
                     missing = [i for i in range(plan.rows) if i not in scan.locations]
-                    mine = [(i, scan.next_replacement(i)) for i in missing[dist.rank::dist.world]]
+                    mine = dist.share([(i, scan.next_replacement(i)) for i in missing])   # rank 0's scan, sliced
                     mine = [(i, k) for i, k in mine if k <= rec.max_replacements]   # else: the merge says so
                     progress.start(name, plan.rows, plan.rows - len(missing))
                     if mine:
                         writer = PieceWriter(Checkpoint(out, name), rank=dist.rank, world=dist.world,
                                              backend=rec.backend)
-                        await _generate_config(rec, name, bk, fmt, mine, writer, progress)
+                        await _generate_config(rec, name, bk, fmt, mine, writer, progress, family)
                         new_rows[name] += writer.rows
                     dist.barrier()
                     if dist.main:
-                        entries[name] = _merge(rec, out, name)
+                        entries[name] = _merge(rec, out, name, family)
+                        entries[name].update(family.manifest_entry(name, out))
                         entries[name]["new_rows"] = len(missing)
                         return_manifest.update(build_manifest_update(out, rec, recipe_path, fmt, bk.info(),
                                                                      {name: entries[name]}, dist.world))
                         Checkpoint(out, name).drop_pieces()
                     dist.barrier()
+            if dist.main:   # the very end, still under the lock: only now is the directory whole
+                final.update(build_manifest_update(out, rec, recipe_path, fmt, bk.info(), {}, dist.world,
+                                                   complete=True))
 
-    asyncio.run(main())
+    final: dict[str, Any] = {}
+    with dataset_lock(out, "build") if dist.main else contextlib.nullcontext():   # one writer per directory
+        asyncio.run(main())
     if not dist.main:
         return BuildResult(out, names, {}, False)
-    manifest = build_manifest_update(out, rec, recipe_path, fmt, bk.info(), {}, dist.world)
+    manifest = final
     shown = {n: {**(manifest.get("configs") or {}).get(n, {}), "new_rows": entries.get(n, {}).get("new_rows", 0)}
              for n in names}
     console.print(summary_table(shown, run_wall_s=time.monotonic() - started))
+    if any(c.get("mix") for c in shown.values()):
+        console.print(mix_table(shown))
     console.print(f"wrote {out}", highlight=False)
     return BuildResult(out, names, manifest, True)
 
@@ -292,6 +343,7 @@ def run_build(rec: Recipe, *, recipe_path: Path, out: str | Path | None = None, 
 def _prepare(rec: Recipe, out: Path, names: list[str], status: dict[str, str], fresh: bool) -> None:
     """Rank 0: create the dir; with ``fresh`` discard the selected configs; record fingerprints."""
     out.mkdir(parents=True, exist_ok=True)
+    mark_started(out)   # incomplete until the very end of the build (magpie_hub.dataset.verify)
     for name in names:
         ckpt = Checkpoint(out, name)
         if fresh:

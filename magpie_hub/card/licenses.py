@@ -6,6 +6,7 @@ Hub has no id for are ``other`` plus a ``license_name`` and ``license_link``, as
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -113,3 +114,50 @@ def license_from_override(override: dict, model: str | None) -> License | None:
         raise ValueError(f"card.license_link {link!r} must be an http(s) URL")
     return License(value, str(name or value), str(link) if link else None,
                    str(name).strip().lower() if name else None)
+
+
+HUB_LICENSE_IDS = frozenset("""
+apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0
+cc-by-2.5 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0
+cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0
+cdla-permissive-1.0 cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0
+gfdl gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl
+apple-amlr mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr
+deepfloyd-if-license fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4
+gemma unknown other
+""".split())
+"""The license ids the Hub accepts in a card's ``license:`` field (its documented list); anything else is
+``other`` with a ``license_name``."""
+
+
+def check_card_license(override: dict, model: str | None) -> None:
+    """Validate a recipe's ``card:`` licence fields when the recipe loads (ValueError naming the fix): the id
+    must be one of :data:`HUB_LICENSE_IDS` (near misses are suggested), and the other fields well formed."""
+    value = override.get("license")
+    if value and str(value).strip().lower() not in HUB_LICENSE_IDS:
+        close = difflib.get_close_matches(str(value).strip().lower(), sorted(HUB_LICENSE_IDS), n=2)
+        raise ValueError(f"card.license {value!r} is not a Hub license id"
+                         + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                         + "; use e.g. apache-2.0, mit, llama3, or other with license_name and license_link")
+    license_from_override(override, model)
+
+
+_PERMISSIVE = frozenset({"apache-2.0", "mit"})
+
+
+def combine_licenses(licenses: list[License]) -> License:
+    """The licence of data made by several models (instructions from one, responses from another): the more
+    restrictive one; permissive ones (Apache-2.0, MIT) yield to any other; two different restrictive ones
+    give ``other`` naming both (the data is subject to both sets of terms)."""
+    unique = list(dict.fromkeys(licenses))
+    if len(unique) == 1:
+        return unique[0]
+    restrictive = [lic for lic in unique if lic.id not in _PERMISSIVE]
+    if not restrictive:
+        return next((lic for lic in unique if lic.id == "apache-2.0"), unique[0])
+    if len(restrictive) == 1:
+        return restrictive[0]
+    names = [(lic.license_name if lic.id == "other" and lic.license_name else lic.id) for lic in restrictive]
+    return License("other", " and ".join(lic.name for lic in restrictive), None,
+                   "-and-".join(dict.fromkeys(names)))

@@ -22,7 +22,7 @@ from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from magpie_hub.card import text as card_text
-from magpie_hub.card.licenses import is_demo_model, license_for_model, license_from_override
+from magpie_hub.card.licenses import combine_licenses, is_demo_model, license_for_model, license_from_override
 from magpie_hub.card.stats import compute_stats, model_label
 from magpie_hub.dataset.directory import atomic_path, read_manifest
 from magpie_hub.errors import DatasetDirError, RecipeError
@@ -222,7 +222,9 @@ def render_card(directory: Path, *, repo: str | None = None, version: str | None
     model, revision = _model(manifest)
     options = _card_options(manifest)
     try:
-        lic = license_from_override(options, model) or license_for_model(model)
+        lic = license_from_override(options, model) or combine_licenses(   # responses from another model too
+            [license_for_model(model)] + [license_from_override({"license": own}, rm) if own else license_for_model(rm)
+                                          for rm, own in card_text.response_model_ids(manifest)])
     except ValueError as exc:
         raise RecipeError(f"{exc} in the recipe's card: section") from None
     header = _header(infos, stats, manifest, model, lic)
@@ -239,6 +241,7 @@ def render_card(directory: Path, *, repo: str | None = None, version: str | None
         "total_rows": sum(i["rows"] for i in infos.values()),
         "provenance": card_text.provenance(manifest),
         "filter": card_text.filter_summary(manifest.get("filter")),
+        "family": card_text.family(manifest),
         "assets": assets, "tsne": _drawn_map(stats) if fresh else None,
         "notes": [card_text.one_line(str(n), 400) for n in options.get("notes") or [] if str(n).strip()],
     }

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from magpie_hub.card.diversity import dataset_diversity
+from magpie_hub.card.mix_plot import plot_mix
 from magpie_hub.dataset.directory import atomic_path, atomic_write_text, read_manifest
 from magpie_hub.errors import DatasetDirError, ModelError
 from magpie_hub.layout import ASSETS_DIR, SPLIT, STATS, config_names, shard_paths
@@ -352,6 +353,7 @@ def analyze(directory: Path, *, embedding_model: str | os.PathLike | None = None
     for column, order in scales.items():
         if _plot_distribution(column, order, stats, assets / f"{column}.png"):
             written[column] = f"{ASSETS_DIR}/{column}.png"
+    written.update(plot_mix(directory))   # configs built with mix targets: target vs achieved (card/mix_plot.py)
     total = sum(c["rows"] for c in stats["configs"].values())
     stats["tsne"] = None
     if tsne and total >= 5 and max_points >= 5:

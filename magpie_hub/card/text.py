@@ -185,6 +185,42 @@ def provenance(manifest: dict) -> dict:
     }
 
 
+def family(manifest: dict) -> dict | None:
+    """The Magpie-family facts of the configs (response models, sources, preference pairs, reasoning split),
+    or None for a plain MAGPIE build."""
+    rows: dict[str, list[dict]] = {"response_models": [], "sources": [], "preference": [], "reasoning": []}
+    for name, cfg in mapping(manifest.get("configs")).items():
+        cfg = mapping(cfg)
+        rm = mapping(cfg.get("response_model"))
+        if rm.get("id"):
+            rows["response_models"].append({"config": name, **rm})
+        src = mapping(cfg.get("source"))
+        if src:
+            rows["sources"].append({"config": name, "from": _first(src.get("repo"), src.get("path")),
+                                    "revision": src.get("revision"), "sha": src.get("sha"),
+                                    "subset": src.get("config"), "mode": src.get("mode")})
+        pref = mapping(cfg.get("preference"))
+        if pref:
+            reward = mapping(pref.get("reward"))
+            rows["preference"].append({"config": name, "k": pref.get("k"), "temperature": pref.get("temperature"),
+                                       "reward_model": reward.get("model"), "scorer": reward.get("scorer"),
+                                       "margins": mapping(pref.get("margins"))})
+        reasoning = mapping(cfg.get("reasoning"))
+        if reasoning:
+            rows["reasoning"].append({"config": name, **reasoning})
+    return rows if any(rows.values()) else None
+
+
+def response_model_ids(manifest: dict) -> list[tuple[str, str | None]]:
+    """(model id, licence override) of every config's response model (card licence combination)."""
+    out = []
+    for cfg in mapping(manifest.get("configs")).values():
+        rm = mapping(mapping(cfg).get("response_model"))
+        if rm.get("id") and rm.get("template") != "urial":   # base-model answers: base_output only
+            out.append((str(rm["id"]), rm.get("license")))
+    return list(dict.fromkeys(out))
+
+
 def filter_summary(section: Any) -> dict | None:
     """The manifest's ``filter`` section as {name, description, rows_in, rows_out, steps, other}."""
     section = mapping(section)

@@ -83,8 +83,9 @@ class ChatFormat:
     """MAGPIE's pieces of one chat template (see the module docstring for the exact semantics)."""
 
     def __init__(self, tokenizer, model: str = "", *, extra_eos_ids: Sequence[int] = (),
-                 token_ids: dict[str, int] | None = None):
-        """``token_ids`` replaces the tokenizer's vocabulary for id lookups (config-only folders)."""
+                 token_ids: dict[str, int] | None = None, date_string: str | None = None):
+        """``token_ids`` replaces the tokenizer's vocabulary for id lookups (config-only folders);
+        ``date_string`` is the date that date-printing templates render (default: today, pinned)."""
         if not getattr(tokenizer, "chat_template", None):
             raise ChatFormatError(f"{model or 'the tokenizer'} has no chat template (tokenizer_config.json "
                                   "'chat_template' or chat_template.jinja): use an instruction-tuned model")
@@ -95,7 +96,7 @@ class ChatFormat:
         self.bos_token: str | None = tokenizer.bos_token
         # templates that print today's date (Llama-3.1+) read `date_string` when it is defined: pinned once
         # per format, so a run that crosses midnight renders every prompt with the same date
-        self.date_string = datetime.date.today().strftime("%d %b %Y")
+        self.date_string = date_string or datetime.date.today().strftime("%d %b %Y")
         self._derive()
         self._derive_stops(extra_eos_ids)
 
@@ -175,16 +176,35 @@ class ChatFormat:
             return None
         return int(tid) if tok.convert_ids_to_tokens(int(tid)) == token else None
 
+    def _role_markers(self) -> tuple[str, ...]:
+        """Every special token the template writes around a turn (role headers, turn ends, BOS): none of
+        them can be part of a turn's text, so each one stops a turn (the official code stops Llama-3
+        instructions on ``<|start_header_id|>`` / ``<|end_header_id|>`` as well as ``<|eot_id|>``)."""
+        tok = self.tokenizer
+        flagged = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+        pieces = [self.pre_query, self.post_query, self.follow_up, self.history_post_query]
+        if self.supports_system:
+            pieces.append(self.pre_query_system(_SYS))
+        text = "".join(pieces)
+        # headers first, BOS last: an HTTP server takes only its first few stop strings (TGI: 4)
+        found = [(t == self.bos_token, text.find(t), t) for t in flagged if t and t in text]
+        return tuple(t for *_, t in sorted(found))
+
     def _derive_stops(self, extra_eos_ids: Sequence[int]) -> None:
         specials = self._specials()
         eos = self.tokenizer.eos_token
-        self.user_stop = _dedupe([self._stop_after(self.post_query, specials), eos])
-        self.assistant_stop = _dedupe([self._stop_after(self.follow_up, specials), eos])
+        self.role_markers = self._role_markers()
+        self.user_stop = _dedupe([self._stop_after(self.post_query, specials), eos, *self.role_markers])
+        self.assistant_stop = _dedupe([self._stop_after(self.follow_up, specials), eos, *self.role_markers])
         self.stop = _dedupe([*self.user_stop, *self.assistant_stop])
-        ids = [self._token_id(s) for s in self.stop]
+        ends = _dedupe([self._stop_after(self.post_query, specials), self._stop_after(self.follow_up, specials), eos])
+        ids = [self._token_id(s) for s in ends]
         if self.has_vocabulary and self.tokenizer.eos_token_id is not None:
             ids.append(int(self.tokenizer.eos_token_id))
-        self.stop_token_ids = _dedupe([*ids, *extra_eos_ids])
+        self.stop_token_ids = _dedupe([*ids, *extra_eos_ids])      # the turn ends (the model's eos ids)
+        # ids of the role markers: a generation backend stops on them too (local: stop ids)
+        self.role_marker_ids = _dedupe(i for i in map(self._token_id, self.role_markers)
+                                       if i is not None and i not in self.stop_token_ids)
 
     # -- public API ------------------------------------------------------------------------------------
     def _system_messages(self, system: str | None) -> list[dict[str, str]]:
@@ -200,6 +220,28 @@ class ChatFormat:
         """Everything before the first user text when ``system`` is the system prompt."""
         text = self._render([*self._system_messages(system), _msg("user", _U1)], True)
         return _split_once(text, _U1, "user message")[0]
+
+    def pre_query_without_default_system(self) -> str:
+        """The pre-query without the system block the template injects when no system prompt is given
+        (Qwen2 / Qwen2.5 default prompts, the Llama-3.1+ date block); the pre-query itself when it injects none."""
+        if not (self.supports_system and self.system_first):
+            return self.pre_query
+        head, tail = _split_once(self.pre_query_system(_SYS), _SYS, "system message")
+        start = self.bos_token if self.bos_token and head.startswith(self.bos_token) else ""
+        injected = self.pre_query != head + tail or head != start   # default text, or an empty system turn
+        if not (self.pre_query.startswith(head) and self.pre_query.endswith(tail) and injected):
+            return self.pre_query            # no system turn before the first user turn: nothing to drop
+        # tail = end of the system turn + the user header: the header follows the turn's end marker (a special
+        # token), else (plain-text templates such as Vicuna's) the whitespace that separates the turns
+        specials = [t for t in self._specials() if t in tail]
+        if specials:
+            end = min(specials, key=tail.find)
+            header = tail[tail.find(end) + len(end):].lstrip("\n")
+        else:
+            header = tail.lstrip()
+        if self.pre_query in (start + header, header):
+            return self.pre_query
+        return start + header
 
     @staticmethod
     def _history(history: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
@@ -223,7 +265,8 @@ class ChatFormat:
         """Token ids of a rendered prompt, never doubling a BOS the template already wrote."""
         if not self.has_vocabulary:
             raise no_vocabulary(self.model)
-        return list(self.tokenizer(text, add_special_tokens=not self.bos_in_template)["input_ids"])
+        own_bos = self.bos_in_template or bool(self.bos_token and text.startswith(self.bos_token))
+        return list(self.tokenizer(text, add_special_tokens=not own_bos)["input_ids"])
 
     def to_dict(self, system: str | None = None) -> dict[str, Any]:
         """The ``magpie-hub templates --json`` object."""
@@ -232,7 +275,13 @@ class ChatFormat:
             "pre_query_system": None if system is None else self.pre_query_system(system),
             "post_query": self.post_query,
             "follow_up": self.follow_up,
+            # a past reply renders as history_post_query + reply + follow_up; history_post_query ==
+            # post_query + reply_gap when the template re-inserts a gap the model writes itself (Vicuna: " ")
+            "history_post_query": self.history_post_query,
+            "reply_gap": self.reply_gap,
             "stop": list(self.stop),
+            "user_stop": list(self.user_stop),
+            "assistant_stop": list(self.assistant_stop),
             "bos_in_template": self.bos_in_template,
         }
 
@@ -241,7 +290,7 @@ class ChatFormat:
 
 
 def load_chat_format(model_or_dir: str, revision: str | None = None, *,
-                     allow_config_only: bool = False) -> ChatFormat:
+                     allow_config_only: bool = False, date_string: str | None = None) -> ChatFormat:
     """ChatFormat of a Hub id, a local folder or a registered reference (``tiny:...``).
 
     ``allow_config_only`` accepts a folder with a chat template but no vocabulary (strings only)."""
@@ -255,9 +304,10 @@ def load_chat_format(model_or_dir: str, revision: str | None = None, *,
                 and not any((local / f).is_file() for f in VOCAB_FILES)):
             raise
     if tok is not None and has_vocabulary(tok):
-        return ChatFormat(tok, str(model_or_dir), extra_eos_ids=generation_eos_ids(name, revision))
+        return ChatFormat(tok, str(model_or_dir), extra_eos_ids=generation_eos_ids(name, revision),
+                          date_string=date_string)
     if not allow_config_only or local is None:
         raise no_vocabulary(model_or_dir)
     tok = tokenizer_from_config(local, train=False)
     return ChatFormat(tok, str(model_or_dir), extra_eos_ids=generation_eos_ids(name, revision),
-                      token_ids=_config_token_ids(local))
+                      token_ids=_config_token_ids(local), date_string=date_string)

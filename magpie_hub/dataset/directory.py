@@ -46,13 +46,13 @@ def read_config(directory: Path, config: str, columns: Sequence[str] | None = No
                               hint="build it first with `magpie-hub build`")
     try:
         schemas = [pq.read_schema(p) for p in paths]
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise DatasetDirError(f"unreadable shard in {directory}/{config}: {exc}",
-                              hint="rebuild the config") from None
-    common = [n for n in schemas[0].names if all(n in s.names for s in schemas[1:])]
-    if columns is not None:
-        common = [n for n in common if n in columns]
-    tables = [pq.read_table(p, columns=common) for p in paths]
+        common = [n for n in schemas[0].names if all(n in s.names for s in schemas[1:])]
+        if columns is not None:
+            common = [n for n in common if n in columns]
+        tables = [pq.read_table(p, columns=common) for p in paths]
+    except (OSError, pa.ArrowException) as exc:
+        raise DatasetDirError(f"unreadable shard in {directory}/{config}: {' '.join(str(exc).split())[:200]}",
+                              hint="rebuild the config with `magpie-hub build`") from None
     features = _features_of(schemas[0], common)
     tables = [t.cast(features.arrow_schema) for t in tables]
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]

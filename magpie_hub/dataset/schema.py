@@ -38,5 +38,22 @@ GENERATION_COLUMNS = tuple(GENERATION_FEATURES)
 # ``truncated`` is true when any of them is not "stop" (a filter's ``truncated == false`` keeps complete rows).
 OUTCOME_FEATURES = Features({"truncated": Value("bool"), "finish_reasons": List(Value("string"))})
 
+# How the responses were sampled, as the released sets' ``gen_response_configs`` (generate/row_extras.py
+# builds it: the response model, its sampling and stops, the backend).
+GEN_RESPONSE_CONFIGS = {
+    "model": Value("string"),
+    "temperature": Value("float64"),
+    "top_p": Value("float64"),
+    "max_tokens": Value("int64"),
+    "stop": List(Value("string")),
+    "engine": Value("string"),
+}
+
 # The columns a build writes: the generation columns, then the outcome columns.
-BUILD_FEATURES = Features({**GENERATION_FEATURES, **OUTCOME_FEATURES})
+BUILD_FEATURES = Features({**GENERATION_FEATURES, **OUTCOME_FEATURES, "gen_response_configs": GEN_RESPONSE_CONFIGS})
+
+
+def build_features(turns: int = 1, base: Features = BUILD_FEATURES) -> Features:
+    """``base`` + ``instruction_k`` / ``response_k`` for k = 2..turns (multi-turn configs, as the released MT sets)."""
+    extra = {f"{role}_{k}": Value("string") for k in range(2, turns + 1) for role in ("instruction", "response")}
+    return Features({**base, **extra})

@@ -20,17 +20,21 @@ import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
+from magpie_hub.build.lock import dataset_lock
 from magpie_hub.dataset.directory import (
     ConfigData,
     atomic_write_text,
     read_config,
     read_manifest,
 )
+from magpie_hub.dataset.schema import BUILD_FEATURES
 from magpie_hub.dataset.shards import write_config
-from magpie_hub.errors import DatasetDirError
+from magpie_hub.dataset.verify import verify_dataset
+from magpie_hub.errors import DatasetDirError, RecipeError, os_error
 from magpie_hub.filters.base import RuleOutcome, how_to_get
 from magpie_hub.filters.presets import FilterSpec, load_filter_spec
-from magpie_hub.layout import MANIFEST, SPLIT, config_names
+from magpie_hub.layout import MANIFEST, SPLIT, STAGING_RE, config_names, output_lock_path, staging_prefix
+from magpie_hub.tags import step_for
 
 
 @dataclass
@@ -62,6 +66,19 @@ def _check_columns(spec: FilterSpec, tables: dict[str, pa.Table]) -> None:
             if missing:
                 raise DatasetDirError(f"filter rule '{rule.describe()}' needs column {column!r}, missing in "
                                       f"config {missing[0]!r}; {how_to_get(column)}")
+
+
+def check_producible(spec: FilterSpec, tag_columns: list[str]) -> None:
+    """Before a build: every column the recipe's ``filters:`` use is written by the build or by one of the
+    recipe's ``tags:`` steps (``tag_columns``); else one line naming the step to add."""
+    available = set(BUILD_FEATURES) | set(tag_columns)
+    for rule in spec.rules:
+        for column in rule.columns:
+            if column not in available:
+                raise RecipeError(f"filters: rule '{rule.describe()}' needs column {column!r}, which neither the "
+                                  f"build nor the recipe's tags: write",
+                                  hint=f"add the tag step {step_for(column)!r} to tags:" if step_for(column)
+                                  else "use a column the dataset will have")
 
 
 def apply_spec(spec: FilterSpec, tables: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], FilterReport]:
@@ -123,6 +140,43 @@ def filter_dataset(directory: Path | str, preset: str | Path | FilterSpec, out: 
         raise DatasetDirError(f"dataset directory {directory} not found; pass a directory made by "
                               "`magpie-hub build`")
     spec = load_filter_spec(preset)
+    verify_dataset(directory, action="filter")       # whole, and no writer holds it (the input is only read)
+    try:
+        with dataset_lock(out, "filter", path=output_lock_path(out)):   # one filter per --out
+            return _filter_locked(directory, spec, out, console, finish)
+    except OSError as exc:
+        raise os_error(exc, f"cannot filter {directory} into {out}") from None
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Remove the hidden staging copies of ``out`` left by a killed filter (their pid is gone)."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        match = STAGING_RE.match(path.name)
+        if not match or match.group("name") != out.name:
+            continue
+        pid = int(match.group("pid")) if match.group("pid") else None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _filter_locked(directory: Path, spec: FilterSpec, out: Path, console: Console,
+                   finish: Callable[[Path], None] | None) -> FilterReport:
     configs = config_names(directory)
     if not configs:
         raise DatasetDirError(f"{directory} has no config with {SPLIT}-*.parquet shards; build it first")
@@ -132,7 +186,9 @@ def filter_dataset(directory: Path | str, preset: str | Path | FilterSpec, out: 
     filtered, report = apply_spec(spec, {c: d.table for c, d in data.items()})
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    for left in remove_leftovers(out):
+        console.print(f"removed {left}, left behind by a filter that was stopped")
+    tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(out), dir=out.parent))
     try:
         for config, table in filtered.items():
             write_config(tmp, ConfigData(config, table, [], data[config].features))
@@ -142,7 +198,7 @@ def filter_dataset(directory: Path | str, preset: str | Path | FilterSpec, out: 
             finish(tmp)
         old = None
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / staging_prefix(out, "old")
             os.replace(out, old)
         os.replace(tmp, out)
         if old is not None:

@@ -8,7 +8,9 @@ A filter YAML::
       - input_quality >= good
       - 'instruction not endswith ":"'
       - dedup
-      - keep_longest: {n: 300000, by: response_length}
+      - keep_longest: {n: 300000, by: response_chars}
+      # stratified (Table 5's Filter6): a balance rule right before keep_longest sets its strata
+      # - balance: {by: difficulty, shares: {"<= easy": 0.5, ">= medium": 0.5}}
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from magpie_hub.errors import RecipeError
+from magpie_hub.filters.balance import BalanceRule
 from magpie_hub.filters.base import FilterRule
-from magpie_hub.filters.rules import parse_rule
+from magpie_hub.filters.rules import KeepLongestRule, parse_rule
 
 
 class _FilterFile(BaseModel):
@@ -87,8 +90,20 @@ def parse_spec(text: str, *, default_name: str, source: str) -> FilterSpec:
             raise RecipeError(f"filter file {source}, rule {i}: {exc}") from None
     # "lengths last": selection rules see only rows that passed every row-wise rule (paper Table 5).
     ordered = [r for r in rules if not r.selection] + [r for r in rules if r.selection]
+    _link_balance(ordered, source)
     return FilterSpec(name=parsed.name or default_name, source=source, description=parsed.description,
                       rules=ordered)
+
+
+def _link_balance(rules: list[FilterRule], source: str) -> None:
+    """A ``balance`` rule sets the strata of the ``keep_longest`` right after it (filters/balance.py)."""
+    for i, rule in enumerate(rules):
+        if isinstance(rule, BalanceRule):
+            following = rules[i + 1] if i + 1 < len(rules) else None
+            if not isinstance(following, KeepLongestRule):
+                raise RecipeError(f"filter file {source}: a balance rule must be followed by keep_longest "
+                                  "(it sets the strata of what keep_longest keeps)")
+            following.balance = rule
 
 
 def recipe_filter_spec(value: str | dict | list, recipe_dir: Path) -> FilterSpec:

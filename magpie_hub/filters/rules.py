@@ -9,7 +9,10 @@ Forms accepted in a filter YAML's ``rules:`` list (applied in order; keep-longes
 - ``"language in [en, de]"`` — membership, optionally ``not in``;
 - ``"dedup"`` or ``{dedup: true}`` — near-duplicate removal keeping the first row of each group
   (rows whose ``min_similar_uuid`` is null or their own ``uuid``; the official definition);
-- ``"keep_longest 300000"`` or ``{keep_longest: {n: 300000, by: response_length}}``;
+- ``"keep_longest 300000"`` or ``{keep_longest: {n: 300000, by: response_chars}}`` (the paper and the official
+  notebook sort by characters; the default ``by`` is ``response_length``, tokens);
+- ``{balance: {by: difficulty, shares: {"<= easy": 0.5, ">= medium": 0.5}}}`` — strata for the
+  ``keep_longest`` that follows (:mod:`magpie_hub.filters.balance`);
 - the long form ``{column: instruct_reward, op: ">", value: -12}``.
 
 Null values (untagged rows, unparseable judge answers) never pass a comparison: they are removed and
@@ -29,6 +32,7 @@ import pyarrow.compute as pc
 import yaml
 
 from magpie_hub.errors import RecipeError
+from magpie_hub.filters.balance import BalanceRule
 from magpie_hub.filters.base import FilterRule, ordinal_scales
 
 _SYMBOL_OPS = {">": "greater", ">=": "greater_equal", "<": "less", "<=": "less_equal",
@@ -302,8 +306,9 @@ class KeepLongestRule(FilterRule):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise RecipeError(f"filter rule keep_longest: n must be a whole number >= 0, got {n!r}")
         if not isinstance(by, str) or not by:
-            raise RecipeError("filter rule keep_longest: 'by' must name a numeric column, e.g. response_length")
+            raise RecipeError("filter rule keep_longest: 'by' must name a numeric column, e.g. response_chars")
         self.n, self.by = n, by
+        self.balance: BalanceRule | None = None   # set by the spec when a balance rule comes just before
 
     @classmethod
     def parse(cls, spec: Any) -> KeepLongestRule | None:
@@ -324,7 +329,7 @@ class KeepLongestRule(FilterRule):
         return (self.by,)
 
     def describe(self) -> str:
-        return f"keep_longest {self.n} by {self.by}"
+        return f"keep_longest {self.n} by {self.by}" + (f" per {self.balance.by} stratum" if self.balance else "")
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "n": self.n, "by": self.by}
@@ -334,16 +339,19 @@ class KeepLongestRule(FilterRule):
         if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
             raise RecipeError(f"filter rule '{self.describe()}': column {self.by} is {column.type}, not numeric")
         values = pc.fill_null(column.cast(pa.float64()), -np.inf).to_numpy()
-        order = np.argsort(-values, kind="stable")
-        mask = np.zeros(len(values), dtype=bool)
-        mask[order[: self.n]] = True
+        if self.balance is not None:
+            mask = self.balance.select(table, values, self.n)
+        else:
+            order = np.argsort(-values, kind="stable")
+            mask = np.zeros(len(values), dtype=bool)
+            mask[order[: self.n]] = True
         nulls = int(pc.sum(pc.and_(pc.is_null(column), pa.array(~mask))).as_py() or 0)
         return pa.array(mask), nulls
 
 
 # kind -> rule class; parse_rule asks them in this order (keywords before column forms).
 RULES: dict[str, type[FilterRule]] = {
-    rule.kind: rule for rule in (DedupRule, KeepLongestRule, CompareRule, MatchRule, MembershipRule)
+    rule.kind: rule for rule in (DedupRule, KeepLongestRule, BalanceRule, CompareRule, MatchRule, MembershipRule)
 }
 
 

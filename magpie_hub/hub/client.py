@@ -85,6 +85,7 @@ def hub_api(token: str | None):
     """An ``HfApi`` bound to :func:`endpoint` and ``token``."""
     from huggingface_hub import HfApi
 
+    register_secret(token)     # whatever its source or shape, redact() hides it from every message
     return HfApi(endpoint=endpoint(), token=token, library_name="magpie-hub", library_version=__version__)
 
 

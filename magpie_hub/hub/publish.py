@@ -2,7 +2,8 @@
 
 ``publish(DIR, repo, version)``:
 
-1. checks DIR (a README.md card and at least one ``{config}/train-*.parquet`` config), the version
+1. checks DIR is whole (:func:`magpie_hub.dataset.verify.verify_dataset`, every row read: a half-built,
+   truncated or column-missing directory is refused, dry run too), has a README.md card, the version
    (``vX.Y.Z``) and the token (:mod:`magpie_hub.hub.client`); creates the dataset repo if missing;
 2. if the tag exists: identical content -> a no-op naming its commit; different content -> refused
    (tags are immutable, exit 2);
@@ -13,6 +14,10 @@
    deleted, except ``.gitattributes``), then ONE ``create_commit`` with ``parent_commit`` = that head,
    so a concurrent push fails loudly (412) instead of interleaving;
 5. ``create_tag`` on exactly the new commit.
+
+Just before the commit the collected files are checked again against what was verified (same shards, same
+sizes, sha256 taken again): a directory that changed meanwhile is refused. A dry run that cannot reach the
+Hub fails (exit 1) instead of reporting a plan it could not compare.
 
 Transient failures are retried (:func:`magpie_hub.hub.client.call`); a publish cut at any point leaves no
 tag and the branch unchanged, and re-running it completes (uploaded LFS objects are skipped). Files are
@@ -30,8 +35,9 @@ from rich.console import Console
 from rich.table import Table
 
 from magpie_hub import __version__
+from magpie_hub.dataset.verify import Verified, unchanged_since, verify_dataset
 from magpie_hub.errors import DatasetDirError, HubError
-from magpie_hub.hub.client import call, hub_api, resolve_token
+from magpie_hub.hub.client import HubUnavailableError, call, hub_api, resolve_token
 from magpie_hub.layout import MANIFEST, README, REPO_RE, SPLIT, VERSION_RE, config_names
 from magpie_hub.retry import http_status
 
@@ -234,10 +240,12 @@ def publish(directory: Path | str, repo: str, version: str, private: bool = Fals
     pinned to this version just before the files are collected, only when the tag is new; True if it did."""
     directory = Path(directory)
     console = console or Console(highlight=False)
+    if directory.is_dir():
+        verified = verify_dataset(directory, action="publish", deep=True)   # whole, every row readable
     check_inputs(directory, repo, version)
     token = resolve_token()
     if dry_run:
-        return _dry_run(directory, repo, version, branch, token, console)
+        return _dry_run(directory, repo, version, branch, token, console, verified)
     if not token:
         raise HubError("no Hub token: set HF_TOKEN (environment or ./.env) or run `hf auth login`")
     api = hub_api(token)
@@ -256,6 +264,7 @@ def publish(directory: Path | str, repo: str, version: str, private: bool = Fals
     if pin is not None and pin(directory, repo, version):
         console.print(f"card {README} pinned to {repo}@{version}")
     local = collect(directory)
+    recheck(verified, local)
     head = branches[branch]
     plan = make_plan(local, remote_files(api, repo, head))
     print_plan(console, plan, f"{repo}@{branch} (head {head[:12]}) -> {version}")
@@ -274,10 +283,21 @@ def publish(directory: Path | str, repo: str, version: str, private: bool = Fals
     return PublishResult(repo, version, commit, status, plan)
 
 
+def recheck(verified: Verified, local: list[LocalFile]) -> None:
+    """What is uploaded is what was verified: same shards, same sizes, and each file's bytes unchanged
+    between hashing and now (sizes and sha256 taken again just before the commit)."""
+    unchanged_since(verified, {f.local: f.size for f in local})
+    for f in local:
+        if f.local in verified.shards and hash_file(f.local)[0] != f.sha256:
+            raise DatasetDirError(f"{f.local} changed while it was being published",
+                                  hint="wait for the command writing the directory to finish and re-run publish")
+
+
 def _dry_run(directory: Path, repo: str, version: str, branch: str, token: str | None,
-             console: Console) -> PublishResult:
+             console: Console, verified: Verified) -> PublishResult:
     """Print every operation and size; read the Hub when possible, write nothing (not even the card)."""
     local, remote, head, note = collect(directory), {}, None, ""
+    recheck(verified, local)
     try:
         api = hub_api(token)
         branches, tags = _refs(api, repo)
@@ -288,8 +308,8 @@ def _dry_run(directory: Path, repo: str, version: str, branch: str, token: str |
             return PublishResult(repo, version, tags[version], "dry-run", plan)
         head = branches.get(branch) or branches.get("main")
         remote = remote_files(api, repo, head) if head else {}
-    except TagConflictError:
-        raise
+    except (TagConflictError, HubUnavailableError):
+        raise        # a Hub that cannot be reached: the dry run cannot say what publish would do (exit 1)
     except HubError as exc:
         note = f" (could not read {repo}: {exc}; planned against an empty repo)"
     plan = make_plan(local, remote)

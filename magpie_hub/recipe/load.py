@@ -9,9 +9,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from magpie_hub.errors import RecipeError
+from magpie_hub.errors import RecipeError, register_secrets_in
 from magpie_hub.generate.backends import BACKENDS, option_keys
-from magpie_hub.recipe.schema import Recipe
+from magpie_hub.recipe.schema import MAX_ROWS, Recipe
 
 
 def _describe(err: dict) -> str:
@@ -53,6 +53,10 @@ def apply_overrides(data: dict, overrides: Mapping[str, Any] | None) -> dict:
     if "rows" in ov:
         if isinstance(ov["rows"], bool) or not isinstance(ov["rows"], int) or ov["rows"] <= 0:
             raise RecipeError(f"--rows must be a positive integer (got {ov['rows']})")
+        if ov["rows"] > MAX_ROWS:
+            raise RecipeError(f"--rows {ov['rows']} is more than one config holds ({MAX_ROWS:,})",
+                              hint="split the data into several configs, or several builds into other --out "
+                                   "directories")
         configs = data.get("configs")
         if isinstance(configs, dict):
             data["configs"] = {k: {**v, "rows": ov["rows"]} if isinstance(v, dict) else v for k, v in configs.items()}
@@ -69,15 +73,37 @@ def parse_recipe(data: Any, *, source: str = "recipe", overrides: Mapping[str, A
         raise RecipeError(f"{source}: {_describe(exc.errors()[0])}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, refusing a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                    seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:       # an unhashable key: yaml's own error follows
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first}); keep one of them",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Recipe:
     """Read and validate a recipe YAML; ``overrides`` = {rows, model, backend, endpoint} (None = keep)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} not found (see builders/ for examples)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise RecipeError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    register_secrets_in(data)   # a token or key given in the recipe (any section) is redacted everywhere
     return parse_recipe(data, source=str(path), overrides=overrides)

@@ -22,9 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from magpie_hub.errors import RecipeError
 from magpie_hub.generate.backends import backend_class, parse_backend_options
+from magpie_hub.layout import is_reserved_config
+from magpie_hub.recipe.chat import ChatFields, ConfigChatFields, chat_settings
+from magpie_hub.recipe.mix import MixTarget
 from magpie_hub.recipe.plan import ConfigPlan
+from magpie_hub.recipe.preference import PreferenceOptions
 from magpie_hub.recipe.prompts import BUILTIN_CATEGORY_PROMPTS, MULTI_TURN_SYSTEM_PROMPT
+from magpie_hub.recipe.source import ReasoningOptions, ResponseModel, SourceRecipe
 
+MAX_ROWS = 10_000_000   # rows of one config: its plan, checkpoint scan and merge stay well within memory
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -92,16 +98,35 @@ class Truncation(_Strict):
         return {} if value is True else None if value is False else value
 
 
-class ConfigRecipe(_Strict):
+class ConfigRecipe(ConfigChatFields, _Strict):   # + pre_query, drop_default_system (recipe/chat.py)
     rows: int = Field(gt=0)
     turns: int = Field(1, ge=1, le=64)
     category: str | None = None
     system_prompt: str | None = None
     categories: dict[str, float] | None = None
+    # the Magpie family (recipe/source.py, recipe/preference.py): preference pairs, existing rows, responses
+    # from another model
+    kind: Literal["sft", "preference"] = "sft"
+    preference: PreferenceOptions | None = None
+    source: SourceRecipe | None = None
+    response_model: ResponseModel | None = None
+    mix: MixTarget | None = None   # closed-loop category/difficulty targets (recipe/mix.py, build/mix.py)
 
     @model_validator(mode="after")
     def _one_steering(self) -> ConfigRecipe:
-        given = [k for k in ("category", "system_prompt", "categories") if getattr(self, k) is not None]
+        if self.kind == "preference" and self.preference is None:
+            object.__setattr__(self, "preference", PreferenceOptions())   # frozen: the defaults, once
+        if self.kind != "preference" and self.preference is not None:
+            raise ValueError("preference: options are for kind: preference configs; add kind: preference")
+        if self.kind == "preference" and self.turns != 1:
+            raise ValueError("kind: preference configs are single-turn (turns: 1)")
+        if self.source is not None and self.source.mode != "answer" and self.kind == "preference":
+            raise ValueError(f"source.mode {self.source.mode!r} does not make preference pairs; use mode: answer")
+        if self.mix is not None and (self.kind != "sft" or self.source or self.response_model):
+            raise ValueError("mix: targets are for plain configs (no kind: preference, source or response_model)")
+        given = [k for k in ("category", "system_prompt", "categories", "mix") if getattr(self, k) is not None]
+        if self.mix is not None:
+            self.mix.check_rows(self.rows)
         if len(given) > 1:
             raise ValueError(f"give at most one of category / system_prompt / categories (got {', '.join(given)})")
         if self.categories is not None:
@@ -128,7 +153,7 @@ class CardOptions(BaseModel):
     notes: list[str] | None = None   # extra "Limitations" bullets (e.g. how small the judge model is)
 
 
-class Recipe(_Strict):
+class Recipe(ChatFields, _Strict):   # + pre_query, drop_default_system, template_date, follow_up_sampling
     name: str = "magpie"
     description: str | None = None
     model: str
@@ -152,6 +177,8 @@ class Recipe(_Strict):
     configs: dict[str, ConfigRecipe] = Field(min_length=1)
     tags: list[str | dict[str, Any]] | None = None
     filters: str | dict[str, Any] | list[Any] | None = None
+    response_model: ResponseModel | None = None   # every config's responses (a config may name its own)
+    reasoning: ReasoningOptions = Field(default_factory=ReasoningOptions)
     card: CardOptions = Field(default_factory=CardOptions)
 
     @field_validator("name")
@@ -185,8 +212,16 @@ class Recipe(_Strict):
                                      "transformers backend can); remove it")
         prompts = self.all_category_prompts
         for cname, cfg in self.configs.items():
+            if cfg.mix is not None and self.response_model is not None:
+                raise ValueError(f"config {cname!r}: mix targets do not take the recipe's response_model")
             if not _NAME_RE.match(cname):
                 raise ValueError(f"config name {cname!r}: use letters, digits, '_', '-', '.' (it becomes a directory)")
+            if is_reserved_config(cname):
+                raise ValueError(f"config name {cname!r} is reserved by the dataset layout (README.md, the manifest, "
+                                 "assets, data, .magpie, ...); rename the config")
+            if cfg.rows > MAX_ROWS:
+                raise ValueError(f"config {cname!r}: rows {cfg.rows} is more than one build holds ({MAX_ROWS:,}); "
+                                 "split it into several configs (or builds into other --out directories)")
             for cat in ([cfg.category] if cfg.category else []) + list(cfg.categories or {}):
                 if cat not in prompts:
                     raise ValueError(f"config {cname!r}: unknown category {cat!r}; define it under category_prompts "
@@ -216,7 +251,25 @@ class Recipe(_Strict):
             "max_new_tokens": self.max_new_tokens.model_dump(), "cleanup": self.cleanup.model_dump(),
             "truncation": self.truncation.model_dump(), "max_attempts": self.max_attempts,
             "multi_turn_system_prompt": self.multi_turn_system_prompt if cfg.turns > 1 else None,
+            **({"mix": cfg.mix.settings()} if cfg.mix is not None else {}),
+            **self.family_settings(config),
+            **chat_settings(self, config),
         }
+
+    def response_model_for(self, config: str) -> ResponseModel | None:
+        """The model writing ``config``'s responses (None: the instruction model itself)."""
+        return self.configs[config].response_model or self.response_model
+
+    def family_settings(self, config: str) -> dict:
+        """Response model, preference, source and reasoning settings: only when set (older fingerprints hold)."""
+        cfg, response = self.configs[config], self.response_model_for(config)
+        out = {"kind": cfg.kind} if cfg.kind != "sft" else {}
+        for key, value in (("response_model", response), ("preference", cfg.preference), ("source", cfg.source)):
+            if value is not None:
+                out[key] = value.settings()
+        if self.reasoning != ReasoningOptions():
+            out["reasoning"] = self.reasoning.model_dump(exclude_none=True)
+        return out
 
     def plan(self, config: str) -> ConfigPlan:
         if config not in self.configs:

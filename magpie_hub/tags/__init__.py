@@ -38,6 +38,9 @@ STEPS: dict[str, Step] = {
         Column("instruct_reward", "float64", card=70), Column("reward_model"),
         Column("base_reward", "float64", hint=_BASE_COLUMN),
         Column("reward_difference", "float64", hint=_BASE_COLUMN))),
+    "mix_classify": Step("magpie_hub.tags.mix_classify:MixClassifyStep", (   # the build's mix classifier
+        Column("mix_task_category", labels=tuple(TASK_CATEGORIES), card=12, diff=True),
+        Column("mix_difficulty", labels=DIFFICULTIES, ordinal=True, card=22, diff=True), Column("mix_classifier"))),
     "safety": Step("magpie_hub.tags.safety:SafetyStep", (
         Column("llama_guard_2"), Column("safety", labels=("safe", "unsafe"), card=60),
         Column("safety_generator"))),

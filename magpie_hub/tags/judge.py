@@ -32,7 +32,6 @@ from magpie_hub.generate.backends import get_backend
 from magpie_hub.generate.backends.base import GenerationRequest, GenerationResult, SamplingParams
 from magpie_hub.models import resolve_model
 from magpie_hub.tags.base import Batch, TagContext, TagStep
-from magpie_hub.tags.columns import TASK_CATEGORIES
 from magpie_hub.tags.judge_parse import extract_object, free_text, get_key, normalise_label
 
 DEFAULT_JUDGE = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -41,50 +40,111 @@ _STEP_OPTIONS = {"model", "revision", "backend", "backend_options", "endpoint", 
                  "prefill", "batch_size"}
 
 
-def _query_block(instruction: str) -> str:
-    return f"## User query\n```\n{instruction}\n```\n"
+# The official MAGPIE judge prompts, verbatim (credit: magpie-align/magpie @
+# b734a36818e4ba7ef7f0f582fc55f7e860407d26, exp/str_utils.py; used by exp/unitag.py as the user message, with
+# the assistant turn pre-filled with "{", temperature 0, max_tokens 1024 and stop ["}"]). The Pro/Air
+# thresholds were calibrated on labels from this wording. The task tags listed in the classification prompt
+# are the labels of tags/columns.py TASK_CATEGORIES (tests/test_judge.py checks they agree).
+def difficulty_prompt(input: str) -> str:  # noqa: A002 - the official argument name
+    # verbatim (trailing spaces written as \x20): magpie-align/magpie@b734a36 exp/str_utils.py input_difficulty_rating()
+    return f'''
+# Instruction\x20
+
+You first need to identify the given user intent and then label the difficulty level of the user query based on the content of the user query.
+
+## User Query
+```
+{input}
+```
+
+## Output Format
+Given the user query, in your output, you first need to identify the user intent and the knowledge needed to solve the task in the user query.
+Then, rate the difficulty level of the user query as `very easy`, `easy`, `medium`, `hard`, or `very hard`.
+
+Now, please output the user intent and difficulty level below in a json format by filling in the placeholders in []:
+```
+{{\x20\x20\x20
+    "intent": "The user wants to [....]",
+    "knowledge": "To solve this problem, the models need to know [....]",
+    "difficulty": "[very easy/easy/medium/hard/very hard]"
+}}
+```
+'''
 
 
-def classification_prompt(instruction: str) -> str:
-    tags = "\n".join(f'    "{name}",  # {desc}' for name, desc in TASK_CATEGORIES.items())
-    return (
-        "# Task\n\nAssign task tags to the user query below.\n\n" + _query_block(instruction) +
-        "\n## Tags\nRead the query and choose the single task tag from this list that fits it best:\n\n"
-        f"all_task_tags = [\n{tags}\n]\n\n"
-        "## Output format\nGive exactly one primary tag. Any other tags from the list that also apply go in "
-        "the list of other tags. Answer with JSON only, replacing the <...> placeholders:\n"
-        "```\n{\n    \"primary_tag\": \"<primary tag>\",\n    \"other_tags\": [\"<tag 1>\", \"<tag 2>\", ...]\n}\n```\n"
-    )
+def classification_prompt(input: str) -> str:  # noqa: A002 - the official argument name
+    # verbatim: magpie-align/magpie@b734a36 exp/str_utils.py input_classification()
+    return f'''
+# Instruction
+
+Please label the task tags for the user query.
+
+## User Query
+```
+{input}
+```
+
+## Tagging the user input
+Please label the task tags for the user query. You will need to analyze the user query and select the most relevant task tag from the list below.
+
+all_task_tags = [
+    "Information seeking",  # Users ask for specific information or facts about various topics.
+    "Reasoning",  # Queries require logical thinking, problem-solving, or processing of complex ideas.
+    "Planning",  # Users need assistance in creating plans or strategies for activities and projects.
+    "Editing",  # Involves editing, rephrasing, proofreading, or other tasks related to the composition of general written content.
+    "Coding & Debugging",  # Users seek help with writing, reviewing, or fixing code in programming.
+    "Math",  # Queries related to mathematical concepts, problems, and calculations.
+    "Role playing",  # Users engage in scenarios requiring ChatGPT to adopt a character or persona.
+    "Data analysis",  # Requests involve interpreting data, statistics, or performing analytical tasks.
+    "Creative writing",  # Users seek assistance with crafting stories, poems, or other creative texts.\x20
+    "Advice seeking",  # Users ask for recommendations or guidance on various personal or professional issues.
+    "Brainstorming",  # Involves generating ideas, creative thinking, or exploring possibilities.\x20
+    "Others"  # Any queries that do not fit into the above categories or are of a miscellaneous nature.
+]
+
+## Output Format:
+Note that you can only select a single primary tag. Other applicable tags can be added to the list of other tags.
+Now, please output your tags below in a json format by filling in the placeholders in <...>:
+```
+{{\x20
+    "primary_tag": "<primary tag>",
+    "other_tags": ["<tag 1>", "<tag 2>", ... ]
+}}
+```
+'''
 
 
-def difficulty_prompt(instruction: str) -> str:
-    return (
-        "# Task\n\nFirst work out what the user intends and what knowledge answering requires, then rate how "
-        "difficult the user query is, judging from its content.\n\n" + _query_block(instruction) +
-        "\n## Output format\nState the user's intent and the knowledge needed to solve the task. Then rate "
-        "the difficulty as `very easy`, `easy`, `medium`, `hard` or `very hard`.\n"
-        "Answer with JSON only, replacing the [...] placeholders:\n"
-        "```\n{\n    \"intent\": \"The user wants to [...]\",\n"
-        "    \"knowledge\": \"To solve this problem, the models need to know [...]\",\n"
-        "    \"difficulty\": \"[very easy/easy/medium/hard/very hard]\"\n}\n```\n"
-    )
+def quality_prompt(input: str) -> str:  # noqa: A002 - the official argument name
+    # verbatim: magpie-align/magpie@b734a36 exp/str_utils.py input_quality_rating()
+    return f'''
+# Instruction
 
+You need to rate the quality of the user query based on its clarity, specificity, and coherence.
 
-def quality_prompt(instruction: str) -> str:
-    return (
-        "# Task\n\nRate the quality of the user query: how clear, specific and coherent it is.\n\n"
-        "Rating scale:\n"
-        "- very poor: unclear, vague or incoherent; essential information and context are missing.\n"
-        "- poor: somewhat unclear or missing important details; it needs substantial clarification.\n"
-        "- average: moderately clear and specific; some additional information may be needed to fully "
-        "understand it.\n"
-        "- good: clear, specific and mostly well-formed, with enough context to understand the intent.\n"
-        "- excellent: very clear, specific and well-articulated, with all the information and context a "
-        "comprehensive answer needs.\n\n" + _query_block(instruction) +
-        "\n## Output format\nFirst assess the query, naming its strengths and/or weaknesses. Then give a "
-        "rating from very poor to excellent. Answer with JSON only, replacing the [...] placeholders:\n"
-        "```\n{\n    \"explanation\": \"[...]\",\n    \"input_quality\": \"[very poor/poor/average/good/excellent]\"\n}\n```\n"
-    )
+The rating scale is as follows:
+
+- very poor: The query is unclear, vague, or incoherent. It lacks essential information and context.
+- poor: The query is somewhat unclear or lacks important details. It requires significant clarification.
+- average: The query is moderately clear and specific. It may require some additional information for a complete understanding.
+- good: The query is clear, specific, and mostly well-formed. It provides sufficient context for understanding the user's intent.
+- excellent: The query is very clear, specific, and well-articulated. It contains all the necessary information and context for providing a comprehensive response.
+
+## User Query
+```
+{input}
+```
+
+## Output Format
+Given the user query, you first need to give an assesement, highlighting the strengths and/or weaknesses of the user query.
+Then, you need to output a rating from very poor to excellent by filling in the placeholders in [...]:
+```
+{{\x20\x20\x20
+    "explanation": "[...]",
+    "input_quality": "[very poor/poor/average/good/excellent]"
+}}
+```
+'''
+
 
 
 class BackendStep(TagStep):
@@ -92,7 +152,7 @@ class BackendStep(TagStep):
     parses it. Subclasses give ``default_model``, :meth:`prompt_for` and :meth:`parse`."""
 
     default_model: ClassVar[str] = DEFAULT_JUDGE
-    default_max_new_tokens: ClassVar[int] = 256
+    default_max_new_tokens: ClassVar[int] = 1024   # the official unitag.py --max_tokens
     batch_size = 1_000
     allowed_options: ClassVar[set[str]] = _STEP_OPTIONS
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
 
+from magpie_hub.build.lock import dataset_lock
 from magpie_hub.dataset.directory import (
     ConfigData,
     read_config,
@@ -33,7 +34,8 @@ from magpie_hub.dataset.directory import (
     write_parquet_atomic,
 )
 from magpie_hub.dataset.shards import write_config
-from magpie_hub.errors import DatasetDirError, RecipeError
+from magpie_hub.dataset.verify import verify_dataset
+from magpie_hub.errors import DatasetDirError, MagpieError, RecipeError, os_error
 from magpie_hub.layout import config_names
 from magpie_hub.tags import DEFAULT_STEPS, step_class
 from magpie_hub.tags.base import TagContext, TagStep, work_dir
@@ -53,6 +55,25 @@ def parse_steps(spec: Sequence[StepSpec] | None, manifest: Mapping[str, Any]) ->
     from_recipe = dict(recipe_steps)
     steps = [(name, opts or dict(from_recipe.get(name, {}))) for name, opts in _normalise(spec, "steps")]
     return steps
+
+
+def validate_steps(spec: Sequence[StepSpec] | None, what: str = "recipe tags") -> list[str]:
+    """Check a ``tags:`` list before any generation: shape, step names (the registry) and each step's
+    options (its constructor, as the runner will call it, on a scratch context). Returns the columns the
+    steps will add. RecipeError (one line) for anything wrong."""
+    columns: list[str] = []
+    for name, opts in _normalise(spec or [], what):
+        cls = step_class(name)                 # unknown names: RecipeError listing the registered steps
+        ctx = TagContext(directory=Path("."), manifest={}, work_dir=Path(".magpie-validate"), options=opts)
+        try:
+            step = cls(ctx, **opts)
+        except MagpieError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(f"{what}: tag step {name!r} has bad options {opts!r} "
+                              f"({' '.join(str(exc).split())[:120]})", hint="fix them in the recipe") from None
+        columns.extend(step.columns)
+    return columns
 
 
 def _normalise(spec: Any, what: str) -> list[tuple[str, dict]]:
@@ -77,10 +98,18 @@ def tag_dataset(directory: Path | str, steps: Sequence[StepSpec] | None = None, 
                 force: bool = False) -> dict[str, Any]:
     """Tag ``directory`` in place; returns ``{"ran": [...], "skipped": [...], "rows": {config: n}}``.
 
-    ``steps`` default to the recipe's ``tags:`` recorded in the manifest, else the default steps."""
+    ``steps`` default to the recipe's ``tags:`` recorded in the manifest, else the default steps. The
+    directory must be whole (:func:`verify_dataset`); the tag holds its lock while it works."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise DatasetDirError(f"dataset directory {directory} does not exist", hint="build it first")
+    verify_dataset(directory, action="tag")
+    try:
+        with dataset_lock(directory, "tag"):
+            return _tag_locked(directory, steps, force)
+    except OSError as exc:
+        raise os_error(exc, f"cannot tag {directory}") from None
+
+
+def _tag_locked(directory: Path, steps: Sequence[StepSpec] | None, force: bool) -> dict[str, Any]:
     configs = config_names(directory)
     if not configs:
         raise DatasetDirError(f"{directory} holds no config (no */train-*.parquet)",

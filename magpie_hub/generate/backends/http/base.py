@@ -21,6 +21,8 @@
   ``finish_reason="error"`` (the engine regenerates the conversation), or stops the run when the server
   refuses connections. 400/401/403/404 and 422 raise :class:`BackendError` at once (one line), and every
   other request of the run then waits to be cancelled: no retries against a dead or refusing server.
+- Fail-fast: when every request over ``fail_fast_s`` (default 120 s; ``null``: never) has failed, the run
+  stops with one line naming the endpoint and the last error, exit 1; finished rows stay for a resume.
 """
 
 from __future__ import annotations
@@ -29,13 +31,21 @@ import asyncio
 import logging
 import os
 import re
+import time
 from collections import Counter
 from typing import ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field
 
-from magpie_hub.errors import BackendError, RecipeError, read_secret, redact, register_secret
+from magpie_hub.errors import (
+    BackendError,
+    RecipeError,
+    RemoteUnavailableError,
+    read_secret,
+    redact,
+    register_secret,
+)
 from magpie_hub.generate.backends.base import (
     Backend,
     BackendInfo,
@@ -101,6 +111,7 @@ class HTTPOptions(BackendOptions):
     check_model: bool = True
     backoff_base: float = Field(0.5, ge=0)
     backoff_cap: float = Field(30.0, ge=0)
+    fail_fast_s: float | None = Field(120.0, gt=0)   # stop when every request over this window failed (None: never)
 
 
 class TooLong(Exception):
@@ -149,6 +160,8 @@ class HTTPBackend(Backend):
         self._sem: asyncio.Semaphore | None = None
         self._succeeded = False
         self._fatal: BackendError | None = None
+        self._last_ok: float | None = None       # last success (or first request): the fail-fast window
+        self._fails_since_ok = 0
 
     def _normalise_endpoint(self, endpoint: str | None) -> str | None:
         return endpoint
@@ -293,6 +306,10 @@ class HTTPBackend(Backend):
 
         def count(failure: Transient, attempt: int, delay: float | None) -> None:
             self.stats[f"retry:{failure.reason.split(':')[0]}"] += 1
+            self._fail_fast(failure)
+
+        if self._last_ok is None:
+            self._last_ok = time.monotonic()
 
         policy = RetryPolicy(self.max_retries, base=self.backoff_base, cap=self.backoff_cap)
         try:
@@ -309,8 +326,21 @@ class HTTPBackend(Backend):
                              self.name, self.max_retries, last)
             return GenerationResult("", "error", 0, error=last)
         self._succeeded = True
+        self._last_ok, self._fails_since_ok = time.monotonic(), 0
         self.stats["requests_ok"] += 1
         return self._result(out, request.stop)
+
+    def _fail_fast(self, failure: Transient) -> None:
+        """Every request over ``fail_fast_s`` failed (no success since): stop the run, exit 1; the rows
+        finished so far stay in the checkpoint for a resume."""
+        window = self.options.fail_fast_s
+        self._fails_since_ok += 1      # (two at least: one slow request timing out is not a dead server)
+        if window and self._last_ok is not None and self._fails_since_ok >= 2 and \
+                time.monotonic() - self._last_ok >= window:
+            raise RemoteUnavailableError(
+                f"the {self.server_kind} at {self.url} failed every request for {window:g}s (last error: "
+                f"{one_line(failure.reason, 160)}); the finished rows are kept: fix the server (or raise "
+                "backend_options.fail_fast_s) and re-run the same command to resume")
 
     def _error_detail(self, exc: Exception, response) -> str:
         return one_line(exc.args[0] if exc.args else exc, 200)

@@ -15,19 +15,18 @@ BOS: the server tokenizes the prompt with special tokens added (vLLM's default),
 stripped when the server's ``/tokenize`` (or, without it, the local tokenizer) shows that it adds BOS.
 Retries, backoff, fail-fast errors and the prompt-fit rules are those of
 :mod:`magpie_hub.generate.backends.http.base`.
+
+Several replicas: ``endpoints: [url, ...]`` (:mod:`magpie_hub.generate.backends.http.pool`): each is probed
+with ``GET /v1/models`` (the same model ids everywhere) and taken out / re-probed / rejoined on failure.
+vLLM does not report its concurrency limit: each endpoint takes ``max_concurrency`` (default 64) at once.
 """
 
 from __future__ import annotations
 
 from magpie_hub.errors import BackendError
 from magpie_hub.generate.backends.base import GenerationResult
-from magpie_hub.generate.backends.http.base import (
-    HTTPBackend,
-    HTTPOptions,
-    models_module,
-    one_line,
-    sampling_fields,
-)
+from magpie_hub.generate.backends.http.base import models_module, one_line, public_url, sampling_fields
+from magpie_hub.generate.backends.http.pool import PooledBackend, PoolOptions, Unreachable
 
 CHAT_ONLY = ("offers no raw text completion (POST /v1/completions -> {status}: {detail}); MAGPIE needs raw "
              "completion of a chat-template prefix, which a chat-only API cannot do (it applies the chat template "
@@ -35,12 +34,12 @@ CHAT_ONLY = ("offers no raw text completion (POST /v1/completions -> {status}: {
              "(they offer /v1/completions) or with TGI (backend: tgi)")
 
 
-class OpenAIOptions(HTTPOptions):
+class OpenAIOptions(PoolOptions):
     served_model: str | None = None          # the id in GET /v1/models, when it is not the recipe's model
     api_key: str | None = None               # else OPENAI_API_KEY (environment or .env); never HF_TOKEN
 
 
-class OpenAICompletionsBackend(HTTPBackend):
+class OpenAICompletionsBackend(PooledBackend):
     """An OpenAI-compatible text-completion server (vLLM, SGLang, llama.cpp) as the generation backend."""
 
     name = "openai"
@@ -63,11 +62,8 @@ class OpenAICompletionsBackend(HTTPBackend):
         return endpoint
 
     async def start(self) -> None:
-        import httpx2
-
-        self._http = httpx2.AsyncClient(
-            base_url=self.endpoint, headers=self._headers(), timeout=self.timeout, follow_redirects=True,
-            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=256))
+        await self._start_pool()
+        self._http = await self._open_client(self.endpoint, 256)
         models = await self._models()
         self._choose_model(models)
         self._tokenizer = self._load_tokenizer()
@@ -75,7 +71,47 @@ class OpenAICompletionsBackend(HTTPBackend):
         self.strip_prefix = await self._bos_to_strip()
         self._init_concurrency()
 
+    async def _open_client(self, base: str, limit: int):
+        import httpx2
+
+        return httpx2.AsyncClient(base_url=base, headers=self._headers(), timeout=self.timeout, follow_redirects=True,
+                                  limits=httpx2.Limits(max_connections=None, max_keepalive_connections=max(limit, 256)))
+
+    async def _probe_endpoint(self, base: str) -> dict:
+        """One read of ``GET /v1/models`` (a pool member): its model ids, Unreachable when it is down."""
+        import httpx2
+
+        async with httpx2.AsyncClient(base_url=base, headers=self._headers(), timeout=min(self.timeout, 10.0),
+                                      follow_redirects=True) as http:
+            try:
+                resp = await http.get("/v1/models")
+            except httpx2.TransportError as exc:
+                raise Unreachable(f"{type(exc).__name__}: {one_line(exc, 80)}") from None
+        if resp.status_code in (502, 503, 504):
+            raise Unreachable(f"GET /v1/models -> {resp.status_code}")
+        self._raise_for_auth(resp.status_code, "GET /v1/models")
+        try:
+            data = resp.json().get("data") if resp.status_code == 200 else None
+        except (ValueError, AttributeError):
+            data = None
+        if not isinstance(data, list) or not data:
+            raise BackendError(f"GET {public_url(base)}/v1/models -> HTTP {resp.status_code} without a model list; "
+                               "every endpoint of an openai pool must be an OpenAI-compatible server")
+        ids = sorted(str(m.get("id")) for m in data if isinstance(m, dict) and m.get("id"))
+        return {"model_id": ", ".join(ids), "ids": ids}
+
+    @staticmethod
+    def _served_identity(info: dict) -> tuple:
+        return (info.get("model_id"),)
+
+    def _tokens_of(self, out) -> int:
+        try:
+            return int((out.get("usage") or {}).get("completion_tokens") or 0)
+        except AttributeError:
+            return 0
+
     async def close(self) -> None:
+        await self._close_pool()
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -159,7 +195,13 @@ class OpenAICompletionsBackend(HTTPBackend):
         return body
 
     async def _send(self, prompt: str, kwargs: dict):
-        resp = await self._http.post("/v1/completions", json={**kwargs, "prompt": prompt})
+        if self.pool is not None:
+            return await self._pooled(lambda http: self._post(http, prompt, kwargs))
+        return await self._post(self._http, prompt, kwargs)
+
+    @staticmethod
+    async def _post(http, prompt: str, kwargs: dict):
+        resp = await http.post("/v1/completions", json={**kwargs, "prompt": prompt})
         if resp.status_code >= 400:
             resp.raise_for_status()
         return resp.json()

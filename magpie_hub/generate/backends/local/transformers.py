@@ -189,6 +189,9 @@ class TransformersBackend(Backend):
         tok = fmt.tokenizer
         tok.padding_side = "left"
         stop_ids = [int(i) for i in fmt.stop_token_ids if i is not None]
+        # role-header tokens end a turn too: decoding skips special tokens, so a header the model writes would
+        # otherwise leave its text ("assistant") inside the turn (docs/fidelity.md)
+        stop_ids += [int(i) for i in getattr(fmt, "role_marker_ids", ()) if i is not None and int(i) not in stop_ids]
         if tok.pad_token_id is None:
             if not stop_ids:
                 raise ModelError(f"{self.model_id} defines neither a pad nor an end-of-turn token: fix its tokenizer")
