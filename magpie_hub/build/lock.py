@@ -43,7 +43,8 @@ _held: dict[Path, tuple[int, int]] = {}      # resolved lock path -> (fd, depth)
 _created: dict[Path, list[Path]] = {}       # resolved lock path -> folders acquire() created (removed if empty)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a process of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -87,7 +88,7 @@ def _stale(path: Path, holder: dict) -> bool:
     if free is not None:
         return free
     pid, host = holder.get("pid"), holder.get("host")
-    return isinstance(pid, int) and host == socket.gethostname() and not _alive(pid)
+    return isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid)
 
 
 def _describe(holder: dict) -> str:

@@ -20,7 +20,7 @@ import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
-from magpie_hub.build.lock import dataset_lock
+from magpie_hub.build.lock import dataset_lock, pid_alive
 from magpie_hub.dataset.directory import (
     ConfigData,
     atomic_write_text,
@@ -158,21 +158,11 @@ def remove_leftovers(out: Path) -> list[Path]:
         if not match or match.group("name") != out.name:
             continue
         pid = int(match.group("pid")) if match.group("pid") else None
-        if pid is not None and pid != os.getpid() and _alive(pid):
+        if pid is not None and pid != os.getpid() and pid_alive(pid):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _filter_locked(directory: Path, spec: FilterSpec, out: Path, console: Console,

@@ -89,15 +89,9 @@ class OpenAICompletionsBackend(PooledBackend):
                 raise Unreachable(f"{type(exc).__name__}: {one_line(exc, 80)}") from None
         if resp.status_code in (502, 503, 504):
             raise Unreachable(f"GET /v1/models -> {resp.status_code}")
-        self._raise_for_auth(resp.status_code, "GET /v1/models")
-        try:
-            data = resp.json().get("data") if resp.status_code == 200 else None
-        except (ValueError, AttributeError):
-            data = None
-        if not isinstance(data, list) or not data:
-            raise BackendError(f"GET {public_url(base)}/v1/models -> HTTP {resp.status_code} without a model list; "
-                               "every endpoint of an openai pool must be an OpenAI-compatible server")
-        ids = sorted(str(m.get("id")) for m in data if isinstance(m, dict) and m.get("id"))
+        data = self._model_list(resp, public_url(base),
+                                "every endpoint of an openai pool must be an OpenAI-compatible server")
+        ids = sorted(str(m["id"]) for m in data)
         return {"model_id": ", ".join(ids), "ids": ids}
 
     @staticmethod
@@ -118,15 +112,20 @@ class OpenAICompletionsBackend(PooledBackend):
 
     async def _models(self) -> list[dict]:
         resp = await self._get_ready(self._http, "/v1/models")
+        return self._model_list(resp, self.url,
+                                "give the base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp)")
+
+    def _model_list(self, resp, url: str, fix: str) -> list[dict]:
+        """The ``data`` entries (with an ``id``) of a ``GET /v1/models`` answer; one line naming ``fix`` if none."""
         self._raise_for_auth(resp.status_code, "GET /v1/models")
         try:
             data = resp.json().get("data") if resp.status_code == 200 else None
         except (ValueError, AttributeError):
             data = None
-        if not isinstance(data, list) or not data:
-            raise BackendError(f"GET {self.url}/v1/models -> HTTP {resp.status_code} without a model list; "
-                               "give the base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp)")
-        return [m for m in data if isinstance(m, dict) and m.get("id")]
+        models = [m for m in data if isinstance(m, dict) and m.get("id")] if isinstance(data, list) else []
+        if not models:
+            raise BackendError(f"GET {url}/v1/models -> HTTP {resp.status_code} without a model list; {fix}")
+        return models
 
     def _choose_model(self, models: list[dict]) -> None:
         ids = [m["id"] for m in models]
