@@ -52,6 +52,21 @@ def templates(
     Console().print(table)
 
 
+def _quiet_weight_loading() -> None:
+    """No "Loading weights" bar per model load (the build's model, each judge / reward step): the live progress
+    and the step lines say what runs. Downloads keep huggingface_hub's own bars."""
+    from huggingface_hub.utils import (  # light; with the command
+        are_progress_bars_disabled,
+        enable_progress_bars,
+    )
+    from transformers.utils import logging as transformers_logging  # loaded by the command anyway
+
+    hub_bars = not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()   # (also turns huggingface_hub's bars off...)
+    if hub_bars:
+        enable_progress_bars()                    # (...which downloads keep)
+
+
 @app.command()
 def build(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see builders/)")],
@@ -69,6 +84,7 @@ def build(
     """Generate the recipe's configs into a Hub-shaped dataset directory (resumable)."""
     from magpie_hub import pipeline  # heavy (torch, transformers): only when a command runs
 
+    _quiet_weight_loading()
     pipeline.build(recipe, out=out, configs=config or None, rows=rows, model=model, backend=backend,
               endpoint=endpoint, fresh=fresh, ray=ray, ray_workers=ray_workers)
 
@@ -82,6 +98,7 @@ def tag(
     """Compute metadata columns (lengths, language, near-duplicates, judge tags) in place."""
     from magpie_hub import pipeline  # heavy (torch, transformers): only when a command runs
 
+    _quiet_weight_loading()
     pipeline.tag(directory, steps=step or None, force=force)
 
 
