@@ -84,3 +84,17 @@ def tiny_llama3(fixtures_dir) -> Path:
 def tiny_qwen(fixtures_dir) -> Path:
     """A tiny random-weight model with the real Qwen2.5 tokenizer and chat template (from the fixture)."""
     return build_tiny_model("qwen2.5", tokenizer_from=fixtures_dir / "qwen2.5-instruct")
+
+
+def tiny_reward_model(base: Path, out: Path, labels: int = 1) -> Path:
+    """A seeded random-weight sequence-classification head (``labels`` outputs) on ``base``'s config and
+    tokenizer, saved to ``out``: the reward-model stand-in of the reward and preference tests."""
+    import torch  # heavy: only the tests that build a reward model pay for it
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    config = AutoConfig.from_pretrained(base)
+    config.num_labels = labels
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out

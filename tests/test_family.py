@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import tiny_reward_model
 
 from magpie_hub import pipeline
 from magpie_hub.build.checkpoint import Checkpoint, PieceWriter
@@ -64,20 +65,9 @@ class TinyArmo(LlamaPreTrainedModel):
 '''
 
 
-def _seq_cls(tiny_llama3: Path, out: Path, labels: int) -> Path:
-    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
-
-    config = AutoConfig.from_pretrained(tiny_llama3)
-    config.num_labels = labels
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_llama3).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny_rm(tiny_llama3, tmp_path_factory) -> Path:
-    return _seq_cls(tiny_llama3, tmp_path_factory.mktemp("rm"), 1)
+    return tiny_reward_model(tiny_llama3, tmp_path_factory.mktemp("rm"), 1)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +154,7 @@ def test_preference_build_resumes_from_the_build_checkpoint_exactly(pref_dir, ti
 
 
 def test_all_equal_scores_are_ties_regenerated_then_reported(tiny_llama3, tmp_path):
-    flat = _seq_cls(tiny_llama3, tmp_path / "flat", 1)
+    flat = tiny_reward_model(tiny_llama3, tmp_path / "flat", 1)
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(flat)
@@ -188,7 +178,7 @@ def test_armorm_style_reward_model_with_score_output(tiny_armo, tmp_path):
 
 
 def test_bad_preference_inputs_one_line_exit_2_nothing_written(tiny_llama3, tmp_path, capsys):
-    multi = _seq_cls(tiny_llama3, tmp_path / "multi", 3)
+    multi = tiny_reward_model(tiny_llama3, tmp_path / "multi", 3)
     cases = {"k1": {"k": 1}, "labels": {"k": 2, "reward": {"model": str(multi)}}}
     for name, pref in cases.items():
         rec = recipe(tmp_path / f"{name}.yaml", {"p": {"rows": 2, "kind": "preference", "preference": pref}})

@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import tiny_reward_model
 from datasets import Dataset, Value
 from test_judge import write_answers
 
@@ -50,15 +51,7 @@ GUARD_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tiny_rm(tiny_llama3, tmp_path_factory) -> Path:
-    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
-
-    out = tmp_path_factory.mktemp("rm")
-    config = AutoConfig.from_pretrained(tiny_llama3)
-    config.num_labels = 1
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_llama3).save_pretrained(out)
-    return out
+    return tiny_reward_model(tiny_llama3, tmp_path_factory.mktemp("rm"))
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +114,7 @@ def test_reward_scores_match_unbatched_reference(tmp_path, tiny_rm):
 
 def test_reward_head_with_several_labels_and_no_score_is_refused(tmp_path, tiny_llama3):
     """Its first logit is not a reward: one line naming the fix (a one-label head, or a score output)."""
-    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
-
-    config = AutoConfig.from_pretrained(tiny_llama3)
-    config.num_labels = 3
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "multi")
-    AutoTokenizer.from_pretrained(tiny_llama3).save_pretrained(tmp_path / "multi")
+    tiny_reward_model(tiny_llama3, tmp_path / "multi", labels=3)
     ctx = TagContext(directory=tmp_path, manifest={}, work_dir=tmp_path / "w")
     step = step_class("reward")(ctx, model=str(tmp_path / "multi"))
     with pytest.raises(ModelError, match=r"3 labels and no score output.*trust_remote_code") as err:
